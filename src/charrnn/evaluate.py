@@ -1,0 +1,70 @@
+"""Stage 4: validation loss over the whole val split, and sample texts, logged to the model's run.
+
+The MLflow run is found by the SHA-256 of the model file (tagged by ``train``), so running only
+``evaluate`` again (say with a new temperature) adds its samples and metrics to the same run
+without creating a second training run, and without any run id stored in a DVC output.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlflow
+
+from charrnn import files, model as model_lib, sequences, tracking
+from charrnn.config import SampleConfig
+from charrnn.generate import Generator, SamplingOptions
+from charrnn.train import validation_dataset
+
+EVAL_BATCH = 64
+
+
+def validation_loss(model, sequences_dir: Path, verbose: int = 1) -> tuple[float, int]:
+    """Mean cross-entropy in nats/char over every val window, and the number of chars scored."""
+    manifest = sequences.load_manifest(sequences_dir)
+    seq_length = manifest["seq_length"]
+    paths = sequences.shard_paths(sequences_dir, manifest, "val")
+    model_lib.compile_model(model, learning_rate=1e-3)  # the loss only; nothing is trained
+    loss = model.evaluate(validation_dataset(paths, seq_length, EVAL_BATCH), verbose=verbose)
+    return float(loss), manifest["splits"]["val"]["windows"] * seq_length
+
+
+def sample_name(sample: SampleConfig) -> str:
+    return f"t{sample.temperature:g}_k{sample.top_k}_n{sample.num_samples}_len{sample.length}_seed{sample.seed}"
+
+
+def format_samples(sample: SampleConfig, texts: list[str]) -> str:
+    header = (f"# prime={sample.prime!r} temperature={sample.temperature:g} top_k={sample.top_k} "
+              f"length={sample.length} seed={sample.seed}\n")
+    return header + "".join(f"\n--- sample {i + 1} ---\n{t}\n" for i, t in enumerate(texts))
+
+
+def evaluate(model_dir: Path, sequences_dir: Path, sample: SampleConfig, experiment: str,
+             metrics_path: Path, samples_path: Path) -> dict:
+    experiment_id = tracking.setup(experiment)
+    model, vocabulary = model_lib.load_model_dir(model_dir)
+    options = SamplingOptions(sample.length, sample.temperature, sample.top_k, sample.num_samples, sample.seed)
+    options.check(len(vocabulary))
+    vocabulary.encode(sample.prime)  # refuse an unknown prime before the long evaluation
+
+    model_hash = files.sha256_file(Path(model_dir) / model_lib.MODEL_FILE)
+    run = tracking.find_run(experiment_id, tracking.MODEL_HASH_TAG, model_hash)
+    with mlflow.start_run(run_id=run.info.run_id if run else None, experiment_id=experiment_id):
+        if run is None:  # the store was reset: keep the record in a run of its own
+            mlflow.set_tags({**tracking.source_tags(), tracking.MODEL_HASH_TAG: model_hash})
+        try:
+            val_loss, chars = validation_loss(model, sequences_dir)
+            metrics = {"val_loss": val_loss, "val_bpc": val_loss / math.log(2), "val_chars": chars}
+            texts = Generator(model, vocabulary).generate(sample.prime, options)
+            text = format_samples(sample, texts)
+            files.write_json(metrics_path, metrics)
+            files.write_text(samples_path, text)
+            mlflow.log_metrics({"val_loss": val_loss, "val_bpc": metrics["val_bpc"]})
+            mlflow.log_text(text, f"samples/{sample_name(sample)}.txt")
+        except BaseException as err:
+            mlflow.set_tag("charrnn.error", f"{type(err).__name__}: {err}"[:5000])
+            raise
+    print(f"val_loss {val_loss:.4f} nats/char, {metrics['val_bpc']:.4f} bits/char over {chars} chars")
+    print(text)
+    return metrics

@@ -1,0 +1,154 @@
+"""Text generation with explicit LSTM state, compiled, at any batch size.
+
+The tutorial calls the model once per character from Python and needs a stateful batch-1 copy of
+the trained model. Here the state is an explicit tensor: the same trained weights generate K
+streams at once with no rebuild, the prime is consumed and the characters are sampled inside one
+compiled TensorFlow loop, and sampling is stateless (seeded by (seed, position)), so the same
+seed gives the same text whatever ran before in the process and however the output is chunked.
+
+The cell is the Keras LSTM's own math (gates i, f, c, o; sigmoid/tanh) on the trained variables,
+with one saving: the first layer's input projection ``embedding @ kernel + bias`` is precomputed
+for the whole vocabulary, so a step costs one table lookup instead of a matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from charrnn.errors import UserError
+from charrnn.model import lstm_layers
+from charrnn.vocabulary import Vocabulary
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    length: int = 1000
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_k: int = 0  # 0 means the whole vocabulary
+    num_samples: int = 1
+    seed: int = 0
+
+    def check(self, vocab_size: int | None = None) -> None:
+        """Refuse out-of-range options (top-k is bounded by the vocabulary once it is known)."""
+        if not isinstance(self.length, int) or self.length < 1:
+            raise UserError(f"length must be a positive integer, got {self.length!r}")
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0 or (vocab_size and self.top_k > vocab_size):
+            limit = f"the vocabulary size {vocab_size}" if vocab_size else "the vocabulary size"
+            raise UserError(f"top-k must be between 0 (off) and {limit}, got {self.top_k!r}")
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise UserError(f"num-samples must be a positive integer, got {self.num_samples!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+
+class Generator:
+    """Samples text from a trained char-rnn model (see module docstring)."""
+
+    def __init__(self, model: keras.Model, vocabulary: Vocabulary):
+        self.vocabulary = vocabulary
+        embedding = model.get_layer("embedding").embeddings
+        dense = model.get_layer("logits")
+        cells = [layer.cell for layer in lstm_layers(model)]
+        f32 = lambda v: tf.cast(tf.convert_to_tensor(v), tf.float32)  # noqa: E731
+        first = cells[0]
+        # (vocab, 4 * units): the first layer's input projection for every symbol.
+        self._input_table = f32(embedding) @ f32(first.kernel) + f32(first.bias)
+        self._recurrent = [f32(c.recurrent_kernel) for c in cells]
+        self._kernels = [f32(c.kernel) for c in cells[1:]]
+        self._biases = [f32(c.bias) for c in cells[1:]]
+        self._dense_kernel, self._dense_bias = f32(dense.kernel), f32(dense.bias)
+        self.units = [c.units for c in cells]
+        self._prime_fn = tf.function(self._prime, reduce_retracing=True)
+        self._sample_fn = tf.function(self._sample, reduce_retracing=True)
+
+    # ---- the compiled core ------------------------------------------------------------------
+
+    def _step(self, ids, states):
+        """One character for every stream: ids [K] -> logits [K, V], new states."""
+        z = tf.gather(self._input_table, ids)
+        new_states = []
+        x = None
+        for layer, (h, c) in enumerate(states):
+            if layer > 0:
+                z = x @ self._kernels[layer - 1] + self._biases[layer - 1]
+            z = z + h @ self._recurrent[layer]
+            i, f, g, o = tf.split(z, 4, axis=-1)
+            c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+            h = tf.sigmoid(o) * tf.tanh(c)
+            new_states.append((h, c))
+            x = h
+        return x @ self._dense_kernel + self._dense_bias, new_states
+
+    def _prime(self, prime_ids, states):
+        """Consume the prime [K, P] in one call; return the logits after its last character."""
+        logits = tf.zeros([tf.shape(prime_ids)[0], len(self.vocabulary)], tf.float32)
+        for t in tf.range(tf.shape(prime_ids)[1]):
+            logits, states = self._step(prime_ids[:, t], states)
+        return logits, states
+
+    def _sample(self, logits, states, length, temperature, top_k, seed, offset):
+        """Sample ``length`` ids per stream; position p uses the stateless seed (seed, offset + p)."""
+        out = tf.TensorArray(tf.int32, size=length)
+        for p in tf.range(length):
+            ids = self._choose(logits, temperature, top_k, tf.stack([seed, tf.cast(offset + p, tf.int64)]))
+            out = out.write(p, ids)
+            logits, states = self._step(ids, states)
+        return tf.transpose(out.stack()), logits, states
+
+    @staticmethod
+    def _choose(logits, temperature, top_k, seed):
+        if top_k > 0:
+            kth = tf.math.top_k(logits, k=top_k).values[:, -1:]
+            logits = tf.where(logits < kth, tf.constant(-np.inf, logits.dtype), logits)
+        if temperature == 0.0:
+            return tf.argmax(logits, axis=-1, output_type=tf.int32)
+        return tf.cast(
+            tf.random.stateless_categorical(logits / temperature, 1, seed=seed)[:, 0], tf.int32
+        )
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def zero_state(self, batch: int):
+        return [(tf.zeros([batch, u]), tf.zeros([batch, u])) for u in self.units]
+
+    def stream(self, prime: str, options: SamplingOptions, chunk: int = 256):
+        """Yield the generated text in chunks: lists of K strings (prime not included)."""
+        options.check(len(self.vocabulary))
+        if not prime:
+            raise UserError("the prime is empty; give at least one character, e.g. --prime 'ROMEO: '")
+        prime_ids = self.vocabulary.encode(prime)
+        k = options.num_samples
+        batch_prime = tf.constant(np.tile(prime_ids[None, :], (k, 1)), tf.int32)
+        logits, states = self._prime_fn(batch_prime, self.zero_state(k))
+        done = 0
+        while done < options.length:
+            n = min(chunk, options.length - done)
+            ids, logits, states = self._sample_fn(
+                logits, states, tf.constant(n), tf.constant(float(options.temperature)),
+                tf.constant(options.top_k), tf.constant(options.seed, tf.int64), tf.constant(done, tf.int64),
+            )
+            done += n
+            yield [self.vocabulary.decode(row) for row in ids.numpy()]
+
+    def generate(self, prime: str, options: SamplingOptions) -> list[str]:
+        """K texts, each starting with the prime."""
+        texts = [prime] * options.num_samples
+        for pieces in self.stream(prime, options):
+            texts = [t + p for t, p in zip(texts, pieces)]
+        return texts
+
+    def next_char_probabilities(self, text: str) -> np.ndarray:
+        """Teacher-forced next-character distributions [len(text), V] (to compare with the model)."""
+        ids = tf.constant(self.vocabulary.encode(text)[None, :], tf.int32)
+        states = self.zero_state(1)
+        rows = []
+        for t in range(ids.shape[1]):
+            logits, states = self._step(ids[:, t], states)
+            rows.append(tf.nn.softmax(logits)[0].numpy())
+        return np.stack(rows)

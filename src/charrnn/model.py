@@ -1,0 +1,141 @@
+"""The char-RNN model: Embedding -> LSTM (x num_layers) -> Dense logits, saved reproducibly.
+
+The training model is stateless: every batch starts from zero state and the LSTM state is never
+carried implicitly. Generation (``charrnn.generate``) carries the state explicitly instead, with
+the same layers, so one trained model generates at any batch size without a stateful copy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+
+import keras
+
+from charrnn import files
+from charrnn.errors import UserError
+from charrnn.vocabulary import VOCABULARY_FILE, Vocabulary
+
+MODEL_FILE = "model.keras"
+SUMMARY_FILE = "model_summary.txt"
+
+
+# ---- building ------------------------------------------------------------------------------
+
+
+def build_model(
+    vocab_size: int,
+    embedding_dim: int = 256,
+    rnn_units: int = 1024,
+    num_layers: int = 1,
+    dropout: float = 0.0,
+    precision: str = "float32",
+) -> keras.Model:
+    """The tutorial's architecture, generalised to ``num_layers`` LSTMs with dropout between.
+
+    The LSTM keeps Keras' cuDNN-compatible defaults (tanh/sigmoid, no recurrent dropout, no
+    unroll, bias on), so on a GPU it runs the fused cuDNN kernel.
+    """
+    policy = keras.mixed_precision.DTypePolicy(precision)
+    ids = keras.Input(shape=(None,), dtype="int32", name="ids")
+    x = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding", dtype=policy)(ids)
+    for i in range(num_layers):
+        x = keras.layers.LSTM(
+            rnn_units,
+            return_sequences=True,
+            recurrent_initializer="glorot_uniform",
+            name=f"lstm_{i}" if num_layers > 1 else "lstm",
+            dtype=policy,
+        )(x)
+        if dropout > 0:
+            x = keras.layers.Dropout(dropout, name=f"dropout_{i}", dtype=policy)(x)
+    # Logits stay float32 under mixed precision so the softmax cross-entropy is computed stably.
+    logits = keras.layers.Dense(vocab_size, name="logits", dtype="float32")(x)
+    return keras.Model(ids, logits, name="char_rnn")
+
+
+def lstm_layers(model: keras.Model) -> list:
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.LSTM)]
+
+
+def compile_model(model: keras.Model, learning_rate: float, clipnorm: float | None = None) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=clipnorm),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+
+def summary_text(model: keras.Model) -> str:
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=None)
+    return "\n".join(lines) + "\n"
+
+
+# ---- saving and loading -----------------------------------------------------------------------
+
+
+def _normalise_keras_zip(src: Path, dst: Path) -> None:
+    """Rewrite a ``.keras`` zip with fixed timestamps and no save date: same weights, same bytes.
+
+    ``model.save`` stamps the wall-clock time into the archive, which would make every retrain a
+    different DVC output even when the weights are bit-identical.
+    """
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for name in sorted(zin.namelist()):
+            data = zin.read(name)
+            if name == "metadata.json":
+                meta = json.loads(data)
+                meta.pop("date_saved", None)
+                data = json.dumps(meta, sort_keys=True).encode()
+            zout.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+
+
+def save_keras(model: keras.Model, path: Path) -> None:
+    """Save ``model`` (optimizer included) to ``path`` atomically and byte-reproducibly."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, files.atomic_path(path) as tmp:
+        raw = Path(scratch) / MODEL_FILE
+        model.save(raw)
+        _normalise_keras_zip(raw, tmp)
+
+
+def load_keras(path: Path, compile: bool = True) -> keras.Model:
+    path = Path(path)
+    try:
+        return keras.models.load_model(path, compile=compile, safe_mode=True)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a loadable Keras model ({first[:200]}); retrain it with `dvc repro`") from None
+
+
+def save_model_dir(model: keras.Model, vocabulary: Vocabulary, out_dir: Path) -> None:
+    """The trained model as a folder: ``model.keras``, ``vocabulary.json``, ``model_summary.txt``."""
+    with files.atomic_dir(out_dir) as tmp:
+        save_keras(model, tmp / MODEL_FILE)
+        vocabulary.save(tmp / VOCABULARY_FILE)
+        (tmp / SUMMARY_FILE).write_text(summary_text(model), encoding="utf-8")
+
+
+def load_model_dir(model_dir: Path, compile: bool = False) -> tuple[keras.Model, Vocabulary]:
+    """Load a trained model folder and check that its vocabulary fits the model's output."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model folder not found: {model_dir}; train one with `dvc repro` or pass --model")
+    if not (model_dir / MODEL_FILE).is_file():
+        raise UserError(f"{model_dir} is not a model folder (no {MODEL_FILE}); pass the folder written by the train stage")
+    vocabulary = Vocabulary.load(model_dir / VOCABULARY_FILE)
+    model = load_keras(model_dir / MODEL_FILE, compile=compile)
+    try:
+        output_size = model.get_layer("logits").units
+        model.get_layer("embedding")
+    except ValueError:
+        raise UserError(f"{model_dir / MODEL_FILE} is not a char-rnn model (no embedding/logits layers)") from None
+    if output_size != len(vocabulary):
+        raise UserError(
+            f"{model_dir}: vocabulary has {len(vocabulary)} characters but the model predicts "
+            f"{output_size}; use the vocabulary.json saved with this model"
+        )
+    return model, vocabulary

@@ -1,0 +1,31 @@
+"""DVC stage `train`: TFRecord shards -> trained model folder, loss history; one MLflow run."""
+
+import argparse
+from pathlib import Path
+
+from charrnn.config import as_flat_dict, load_params
+from charrnn.errors import exit_on_user_error
+from charrnn.train import train
+
+
+@exit_on_user_error
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sequences", type=Path, required=True, help="output of `sequences`")
+    parser.add_argument("--vocabulary", type=Path, required=True, help="vocabulary.json of `vectorize`")
+    parser.add_argument("--model", type=Path, required=True, help="model folder to write")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="resumable training state")
+    parser.add_argument("--history", type=Path, required=True, help="per-epoch losses (CSV)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+    data, seqs, config, mlflow_config = load_params(args.params, "data", "sequences", "train", "mlflow")
+    params = {**as_flat_dict("data", data), **as_flat_dict("sequences", seqs),
+              **as_flat_dict("train", config), **as_flat_dict("mlflow", mlflow_config)}
+    final = train(config, args.sequences, args.vocabulary, args.model, args.checkpoints, args.history,
+                  mlflow_config.experiment, params)
+    print(f"final: loss {final['loss']:.4f}, val_loss {final['val_loss']:.4f} "
+          f"({final['val_bpc']:.4f} bits/char) -> {args.model}")
+
+
+if __name__ == "__main__":
+    main()
