@@ -26,8 +26,9 @@ def validation_loss(model, sequences_dir: Path, verbose: int = 1) -> tuple[float
     seq_length = manifest["seq_length"]
     paths = sequences.shard_paths(sequences_dir, manifest, "val")
     model_lib.compile_model(model, learning_rate=1e-3)  # the loss only; nothing is trained
-    loss = model.evaluate(validation_dataset(paths, seq_length, EVAL_BATCH), verbose=verbose)
-    return float(loss), manifest["splits"]["val"]["windows"] * seq_length
+    windows = manifest["splits"]["val"]["windows"]
+    loss = model.evaluate(validation_dataset(paths, seq_length, EVAL_BATCH, windows), verbose=verbose)
+    return float(loss), windows * seq_length
 
 
 def sample_name(sample: SampleConfig) -> str:

@@ -96,7 +96,7 @@ class Generator:
         """Sample ``length`` ids per stream; position p uses the stateless seed (seed, offset + p)."""
         out = tf.TensorArray(tf.int32, size=length)
         for p in tf.range(length):
-            ids = self._choose(logits, temperature, top_k, tf.stack([seed, tf.cast(offset + p, tf.int64)]))
+            ids = self._choose(logits, temperature, top_k, tf.stack([seed, offset + tf.cast(p, tf.int64)]))
             out = out.write(p, ids)
             logits, states = self._step(ids, states)
         return tf.transpose(out.stack()), logits, states

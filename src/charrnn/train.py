@@ -86,10 +86,11 @@ def training_dataset(paths, seq_length, config: TrainConfig, initial_epoch: int,
     )
 
 
-def validation_dataset(paths, seq_length, batch_size):
+def validation_dataset(paths, seq_length, batch_size, windows):
     """Every validation window once, in order (the last batch may be smaller)."""
     return (
         sequences.windows_dataset(list(paths), seq_length)
+        .apply(tf.data.experimental.assert_cardinality(windows))  # lets Keras show the total
         .batch(batch_size)
         .map(sequences.split_window)
         .cache()
@@ -244,7 +245,7 @@ def train(
         )
     else:
         train_ds = training_dataset(train_paths, seq_length, config, initial_epoch)
-    val_ds = validation_dataset(val_paths, seq_length, config.batch_size)
+    val_ds = validation_dataset(val_paths, seq_length, config.batch_size, manifest["splits"]["val"]["windows"])
     steps_per_epoch = manifest["splits"]["train"]["windows"] // config.batch_size
 
     run_id = state.get("run_id") if resuming and state.get("run_id") and tracking.run_exists(state["run_id"]) else None
