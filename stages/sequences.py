@@ -5,7 +5,6 @@ from pathlib import Path
 
 from charrnn.config import load_params
 from charrnn.errors import exit_on_user_error
-from charrnn.sequences import build_sequences
 
 
 @exit_on_user_error
@@ -16,6 +15,8 @@ def main():
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     config = load_params(args.params, "sequences")
+    from charrnn.sequences import build_sequences  # TensorFlow loads in ~10 s: params first
+
     manifest = build_sequences(args.vectorized, args.out, config.seq_length, config.shard_size_mb)
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['windows']:,} sequences in {len(info['shards'])} shard(s)")

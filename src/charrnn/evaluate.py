@@ -61,7 +61,10 @@ def evaluate(model_dir: Path, sequences_dir: Path, sample: SampleConfig, experim
             text = format_samples(sample, texts)
             files.write_json(metrics_path, metrics)
             files.write_text(samples_path, text)
-            mlflow.log_metrics({"val_loss": val_loss, "val_bpc": metrics["val_bpc"]})
+            # At the last epoch's step, so val_loss's history reads as one curve ending here.
+            history = mlflow.MlflowClient().get_metric_history(mlflow.active_run().info.run_id, "loss")
+            step = max((m.step for m in history), default=0)
+            mlflow.log_metrics({"val_loss": val_loss, "val_bpc": metrics["val_bpc"]}, step=step)
             mlflow.log_text(text, f"samples/{sample_name(sample)}.txt")
         except BaseException as err:
             mlflow.set_tag("charrnn.error", f"{type(err).__name__}: {err}"[:5000])

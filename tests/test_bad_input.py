@@ -1,0 +1,478 @@
+"""Bad input, one parametrised test per family: every case must stop with exit status 2, end
+stderr with ONE line ``error: ...`` that names the problem, print no traceback, and leave no
+partial output and no temporary file behind.
+
+The stages run as subprocesses, exactly as DVC runs them: the command lines are dvc.yaml's
+``cmd`` with the paths of its ``vars``. A process that loads TensorFlow costs ~10 s of CPU, so a
+module fixture builds the upstream artifacts once (vectorize -> sequences -> one tiny training
+run) and then runs the selected cases two at a time in a thread pool (one per core), each in its
+own copy of the project; each test waits for and checks its own case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import http.server
+import json
+import re
+import shlex
+import shutil
+import socket
+import sys
+import threading
+import time
+import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from conftest import BIN, REPO, make_project, run, small_text, write_params
+
+# ---- the pipeline, as dvc.yaml declares it ----------------------------------------------------
+
+DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+PATHS = DVC_YAML["vars"][0]["paths"]
+
+
+@functools.cache
+def stage_argv(name: str) -> tuple[str, ...]:
+    """dvc.yaml's command line of a stage, with ``python`` being this interpreter."""
+    cmd = re.sub(r"\$\{paths\.(\w+)\}", lambda m: PATHS[m.group(1)], DVC_YAML["stages"][name]["cmd"])
+    argv = shlex.split(cmd)
+    assert argv[0] == "python", cmd
+    return (sys.executable, *argv[1:])
+
+
+# What must not exist after a failed run of each command.
+OUTPUTS = {
+    "vectorize": [PATHS["vectorized"]],
+    "sequences": [PATHS["sequences"]],
+    "train": [PATHS["model"], PATHS["history"]],
+    "evaluate": [PATHS["metrics"], PATHS["samples"]],
+    "generate": [],
+}
+
+CORPUS = "data/corpus/small.txt"  # data.source of the test project (conftest.TINY_PARAMS)
+SHA_OF_NOTHING = hashlib.sha256(b"").hexdigest()
+
+
+# ---- cases ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One bad input. Strings may hold @TOKENS@ filled in at run time (see ``Context.fill``)."""
+
+    id: str
+    command: str  # a stage of dvc.yaml, or "generate" (the console script)
+    expect: tuple[str, ...]  # substrings of the final `error: ` line
+    base: str = "fresh"  # upstream artifacts: fresh | vectorized | sequences | model
+    params: dict | None = None  # overrides of the tiny test params
+    params_text: str | None = None  # params.yaml verbatim
+    prepare: Callable[[Path], None] | None = None  # edits the case's project copy
+    args: tuple[str, ...] = ()  # arguments of `charrnn generate`
+    env: tuple[tuple[str, str], ...] = ()
+    max_seconds: float | None = None
+
+
+def write_corpus(data: bytes | str):
+    def prepare(project: Path) -> None:
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        (project / CORPUS).write_bytes(raw)
+
+    return prepare
+
+
+def vectorize_short_corpus(project: Path) -> None:
+    (project / CORPUS).write_text(small_text(300), encoding="utf-8")
+    run(list(stage_argv("vectorize")), project)  # fine: 270 + 30 characters
+
+
+def cut_in_half(name: str):
+    def prepare(project: Path) -> None:
+        shard = project / PATHS["sequences"] / name
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    return prepare
+
+
+def flip_middle_bytes(name: str):
+    def prepare(project: Path) -> None:
+        shard = project / PATHS["sequences"] / name
+        data = bytearray(shard.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+        shard.write_bytes(bytes(data))  # same size: only the record checksums can tell
+
+    return prepare
+
+
+def edit_manifest(edit: Callable[[dict], None]):
+    def prepare(project: Path) -> None:
+        path = project / PATHS["sequences"] / "manifest.json"
+        manifest = json.loads(path.read_text())
+        edit(manifest)
+        path.write_text(json.dumps(manifest))
+
+    return prepare
+
+
+def _grow_first_shard(manifest: dict) -> None:
+    manifest["splits"]["train"]["shards"][0]["bytes"] += 1
+
+
+def _rename_first_shard(manifest: dict) -> None:
+    manifest["splits"]["train"]["shards"][0]["file"] = "train-00099.tfrecord"
+
+
+def write_file(relative: str, data: bytes):
+    def prepare(project: Path) -> None:
+        (project / relative).write_bytes(data)
+
+    return prepare
+
+
+def zip_without_model(project: Path) -> None:
+    with zipfile.ZipFile(project / PATHS["model"] / "model.keras", "w") as archive:
+        archive.writestr("hello.txt", "not a model")
+
+
+def folder_without_model(project: Path) -> None:
+    folder = project / "models" / "empty"
+    folder.mkdir(parents=True)
+    shutil.copy(project / PATHS["model"] / "vocabulary.json", folder / "vocabulary.json")
+
+
+def drop_last_vocabulary_char(project: Path) -> None:
+    path = project / PATHS["model"] / "vocabulary.json"
+    vocab = json.loads(path.read_text(encoding="utf-8"))
+    vocab["chars"] = vocab["chars"][:-1]
+    path.write_text(json.dumps(vocab), encoding="utf-8")
+
+
+def param_case(section: str, key: str, value, command: str, base: str, expect=None) -> pytest.param:
+    case = Case(
+        f"{section}.{key}={value!r}", command,
+        expect or (f"'{section}.{key}'", "must be", f"got {value!r}"),
+        base=base, params={section: {key: value}},
+    )
+    return pytest.param(case, id=case.id)
+
+
+def cases(*items: Case) -> list:
+    return [pytest.param(c, id=c.id) for c in items]
+
+
+CORPUS_CASES = cases(
+    Case("missing-file", "vectorize", ("corpus file not found", "data/corpus/missing.txt"),
+         params={"data": {"source": "data/corpus/missing.txt"}}),
+    Case("empty-file", "vectorize", ("is empty",), prepare=write_corpus("")),
+    Case("whitespace-only", "vectorize", ("only whitespace",), prepare=write_corpus(" \n\t\r\n" * 200)),
+    Case("not-utf8", "vectorize", ("not UTF-8", "iconv"), prepare=write_corpus(b"\xff\xfe abc" * 100)),
+    Case("single-character", "vectorize", ("single distinct character", "'a'"),
+         prepare=write_corpus("a" * 5000)),
+    Case("directory-not-file", "vectorize", ("corpus file not found",),
+         params={"data": {"source": "data/corpus"}}),
+    # 300 characters: 30 of validation, fewer than one window of 100 + 1.
+    Case("too-short-for-one-val-sequence", "sequences", ("val split has 30 characters", "seq_length=100"),
+         params={"sequences": {"seq_length": 100}}, prepare=vectorize_short_corpus),
+    Case("too-short-for-one-batch", "train",
+         ("has @TRAIN_WINDOWS@ sequences", "train.batch_size=100000"),
+         base="sequences", params={"train": {"batch_size": 100_000}}),
+)
+
+SHA = "0" * 64  # well-formed, never the right one
+DOWNLOAD_CASES = cases(
+    Case("unreachable-host", "vectorize", ("cannot reach", "127.0.0.1:@CLOSED@"),
+         params={"data": {"source": "http://127.0.0.1:@CLOSED@/x.txt", "sha256": SHA}}),
+    Case("http-404", "vectorize", ("HTTP 404", "@SERVER@/missing.txt"),
+         params={"data": {"source": "@SERVER@/missing.txt", "sha256": SHA}}),
+    Case("checksum-mismatch", "vectorize", ("checksum mismatch", f"expected sha256 {SHA}", "nothing was cached"),
+         params={"data": {"source": "@SERVER@/corpus.txt", "sha256": SHA}}),
+    Case("url-without-sha256", "vectorize", ("data.sha256 is not set",),
+         params={"data": {"source": "@SERVER@/corpus.txt", "sha256": None}}),
+    Case("malformed-sha256", "vectorize", ("data.sha256 must be 64 hex digits",),
+         params={"data": {"source": "@SERVER@/corpus.txt", "sha256": "abc123"}}),
+    Case("local-file-wrong-sha256", "vectorize", ("checksum mismatch", CORPUS),
+         params={"data": {"sha256": SHA_OF_NOTHING}}),
+)
+
+PARAMS_CASES = [
+    *cases(
+        Case("not-valid-yaml", "vectorize", ("not valid YAML", "line 2"),
+             params_text="data:\n  source: [unclosed\nsequences: {}\n"),
+        Case("not-a-mapping", "vectorize", ("must be a mapping of sections",), params_text="- data\n- train\n"),
+        Case("unknown-section", "vectorize", ("unknown section 'trian'", "known sections"),
+             params={"trian": {"epochs": 1}}),
+        Case("unknown-key", "train", ("unknown key 'train.unitz'", "rnn_units"),
+             base="sequences", params={"train": {"unitz": 64}}),
+        Case("wrong-type", "train", ("'train.rnn_units' must be an integer", "got 'many'"),
+             base="sequences", params={"train": {"rnn_units": "many"}}),
+        Case("section-not-a-mapping", "sequences", ("'sequences' must be a mapping",),
+             base="vectorized", params_text="sequences: 100\n"),
+    ),
+    *(param_case("sequences", "seq_length", v, "sequences", "vectorized") for v in (0, -1, 2.5)),
+    *(param_case("train", key, v, "train", "sequences")
+      for key in ("batch_size", "embedding_dim", "rnn_units", "epochs") for v in (0, -1, 2.5)),
+    *(param_case("train", "learning_rate", v, "train", "sequences") for v in (0, -1)),
+    *(param_case("data", "val_fraction", v, "vectorize", "fresh") for v in (0, 1, 1.5)),
+    param_case("train", "dropout", 1.0, "train", "sequences"),
+    param_case("train", "precision", "float64", "train", "sequences", expect=("'train.precision' must be one of",)),
+    param_case("train", "deterministic", "yes", "train", "sequences",
+               expect=("'train.deterministic' must be true or false",)),
+    param_case("sequences", "shard_size_mb", 0, "sequences", "vectorized"),
+    param_case("sample", "temperature", -1, "evaluate", "model"),
+    param_case("sample", "length", 0, "evaluate", "model"),
+]
+
+TFRECORD_CASES = cases(
+    Case("truncated-shard", "train", ("train-00000.tfrecord", "truncated or replaced"),
+         base="sequences", prepare=cut_in_half("train-00000.tfrecord")),
+    Case("corrupt-train-shard", "train", ("is corrupt", "dvc repro --force sequences"),
+         base="sequences", prepare=flip_middle_bytes("train-00000.tfrecord")),
+    Case("corrupt-val-shard", "train", ("is corrupt", "dvc repro --force sequences"),
+         base="sequences", prepare=flip_middle_bytes("val-00000.tfrecord")),
+    Case("manifest-wrong-bytes", "train", ("train-00000.tfrecord", "manifest says"),
+         base="sequences", prepare=edit_manifest(_grow_first_shard)),
+    Case("manifest-wrong-shard-name", "train", ("train-00099.tfrecord", "is missing"),
+         base="sequences", prepare=edit_manifest(_rename_first_shard)),
+    Case("manifest-not-json", "train", ("not a valid manifest",),
+         base="sequences", prepare=write_file(f"{PATHS['sequences']}/manifest.json", b"{not json")),
+)
+
+GENERATE_CASES = cases(
+    Case("model-folder-missing", "generate", ("model folder not found", "models/nope"),
+         base="model", args=("--model", "models/nope")),
+    Case("folder-without-model-keras", "generate", ("no model.keras", "models/empty"),
+         base="model", args=("--model", "models/empty"), prepare=folder_without_model),
+    Case("model-keras-not-a-zip", "generate", ("model.keras is not a loadable Keras model",),
+         base="model", prepare=write_file(f"{PATHS['model']}/model.keras", b"not a zip file\n" * 64)),
+    Case("model-keras-zip-without-model", "generate", ("model.keras is not a loadable Keras model",),
+         base="model", prepare=zip_without_model),
+    Case("vocabulary-size-mismatch", "generate", ("vocabulary has @VOCAB_MINUS_1@ characters",
+                                                  "model predicts @VOCAB@"),
+         base="model", prepare=drop_last_vocabulary_char),
+    Case("prime-outside-vocabulary", "generate", ("not in the vocabulary", "'Ж'", "'€'"),
+         base="model", args=("--prime", "ROMEO Ж€: ")),
+    Case("empty-prime", "generate", ("the prime is empty",), base="model", args=("--prime", "")),
+    Case("temperature-negative", "generate", ("temperature must be >= 0", "got -1.0"),
+         base="model", args=("--temperature", "-1")),
+    Case("length-zero", "generate", ("length must be a positive integer", "got 0"),
+         base="model", args=("--length", "0")),
+    Case("top-k-negative", "generate", ("top-k must be between 0", "got -1"),
+         base="model", args=("--top-k", "-1")),
+    Case("top-k-above-vocabulary", "generate", ("vocabulary size @VOCAB@", "got @VOCAB_PLUS_1@"),
+         base="model", args=("--top-k", "@VOCAB_PLUS_1@")),
+)
+
+CLOSED_SERVER = (("MLFLOW_TRACKING_URI", "http://127.0.0.1:@CLOSED@"),)
+MLFLOW_CASES = cases(
+    Case("train-tracking-server-down", "train", ("MLflow tracking server", "127.0.0.1:@CLOSED@", "unreachable"),
+         base="sequences", env=CLOSED_SERVER, max_seconds=30),
+    Case("evaluate-tracking-server-down", "evaluate", ("MLflow tracking server", "127.0.0.1:@CLOSED@"),
+         base="model", env=CLOSED_SERVER, max_seconds=30),
+)
+
+ALL_CASES = [p.values[0] for p in
+             CORPUS_CASES + DOWNLOAD_CASES + PARAMS_CASES + TFRECORD_CASES + GENERATE_CASES + MLFLOW_CASES]
+assert len({c.id for c in ALL_CASES}) == len(ALL_CASES), "case ids must be unique"
+
+
+# ---- running them ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Outcome:
+    project: Path
+    result: object  # subprocess.CompletedProcess
+    seconds: float
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once it is closed
+
+
+class Context:
+    def __init__(self, root: Path, server_url: str, port: int):
+        self.root = root
+        self.tokens = {"@SERVER@": server_url, "@CLOSED@": str(port)}
+        self.bases: dict[str, Path] = {}
+
+    def fill(self, text: str) -> str:
+        for token, value in self.tokens.items():
+            text = text.replace(token, value)
+        return text
+
+    def set_model_facts(self, sequences_dir: Path) -> None:
+        manifest = json.loads((sequences_dir / "manifest.json").read_text())
+        vocab = manifest["vocab_size"]
+        self.tokens.update({
+            "@TRAIN_WINDOWS@": str(manifest["splits"]["train"]["windows"]),
+            "@VOCAB@": str(vocab), "@VOCAB_MINUS_1@": str(vocab - 1), "@VOCAB_PLUS_1@": str(vocab + 1),
+        })
+
+    def run_case(self, case: Case) -> Outcome:
+        project = self.root / "cases" / re.sub(r"[^\w.=-]+", "_", case.id)
+        shutil.copytree(self.bases[case.base], project, symlinks=True)
+        if case.params_text is not None:
+            (project / "params.yaml").write_text(case.params_text)
+        elif case.params is not None:
+            write_params(project, case.params)
+            path = project / "params.yaml"
+            path.write_text(self.fill(path.read_text()))
+        if case.prepare:
+            case.prepare(project)
+        if case.command == "generate":
+            argv = [str(BIN / "charrnn"), "generate", "--model", PATHS["model"], "--length", "20",
+                    *map(self.fill, case.args)]
+        else:
+            argv = list(stage_argv(case.command))
+        # 127.0.0.1 never through a proxy the environment may name.
+        env = {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",
+               **{k: self.fill(v) for k, v in case.env}}
+        start = time.monotonic()
+        result = run(argv, project, env=env, check=False, timeout=600)
+        return Outcome(project, result, time.monotonic() - start)
+
+
+def selected_cases(request) -> list[Case]:
+    chosen = []
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        if item.module.__name__ == __name__ and callspec and isinstance(callspec.params.get("case"), Case):
+            chosen.append(callspec.params["case"])
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, tmp_path_factory):
+    """Build the upstream artifacts once, then run the selected cases two at a time."""
+    root = tmp_path_factory.mktemp("bad_input")
+    www = root / "www"
+    www.mkdir()
+    (www / "corpus.txt").write_text(small_text(5000), encoding="utf-8")
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(www)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ctx = Context(root, f"http://127.0.0.1:{server.server_address[1]}", closed_port())
+
+    chosen = selected_cases(request)
+    needed = {c.base for c in chosen}
+    futures: dict[str, Future] = {}
+    pool = ThreadPoolExecutor(max_workers=2)
+
+    def submit(base: str) -> None:
+        for case in chosen:
+            if case.base == base:
+                futures[case.id] = pool.submit(ctx.run_case, case)
+
+    try:
+        # Each base is the previous one plus one stage; cases start as soon as theirs is ready.
+        chain = ["fresh", "vectorized", "sequences", "model"]
+        last = max(chain.index(b) for b in needed) if needed else -1
+        previous = None
+        for index, (base, stage) in enumerate(zip(chain, (None, "vectorize", "sequences", "train"))):
+            if index > last:
+                break
+            path = root / "bases" / base
+            if previous is None:
+                make_project(path, small_text())
+            else:
+                shutil.copytree(previous, path, symlinks=True)
+                run(list(stage_argv(stage)), path, timeout=900)
+            if base == "sequences":
+                ctx.set_model_facts(path / PATHS["sequences"])
+            ctx.bases[base] = previous = path
+            submit(base)
+        yield ctx, futures
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        server.shutdown()
+        server.server_close()
+
+
+# ---- the checks -------------------------------------------------------------------------------
+
+
+def temp_leftovers(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name]
+
+
+def check_clean_failure(outcomes, case: Case) -> Outcome:
+    ctx, futures = outcomes
+    outcome = futures[case.id].result()
+    result, project = outcome.result, outcome.project
+    stderr = result.stderr
+    report = f"{case.id}: exit {result.returncode}\n--- stderr (tail) ---\n{stderr[-4000:]}"
+
+    assert result.returncode == 2, report  # exit_on_user_error's status: a handled, named problem
+    assert "Traceback" not in stderr, report
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    assert last.startswith("error: "), report
+    for expected in case.expect:
+        assert ctx.fill(expected) in last, f"{ctx.fill(expected)!r} not in the error line\n{report}"
+    if case.max_seconds is not None:
+        assert outcome.seconds < case.max_seconds, f"{case.id} took {outcome.seconds:.1f} s\n{report}"
+
+    # No partial artifact, no temporary file beside the outputs or anywhere in the project.
+    for out in OUTPUTS[case.command]:
+        assert not (project / out).exists(), f"{case.id} left {out} behind\n{report}"
+        assert not temp_leftovers((project / out).parent), f"{case.id}: temp files in {Path(out).parent}"
+    stray = [str(p.relative_to(project)) for p in project.rglob(".*")
+             if ".tmp" in p.name and not p.relative_to(project).parts[0] in (".git", ".dvc")]
+    assert not stray, f"{case.id} left temporary files: {stray}"
+    if case.command == "train":
+        checkpoints = project / PATHS["checkpoints"]
+        left = sorted(p.name for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
+        assert not left, f"{case.id} left a checkpoint: {left}"
+    if case.command == "generate":
+        assert result.stdout.strip() == "", f"{case.id} printed text: {result.stdout[:200]!r}"
+    return outcome
+
+
+@pytest.mark.parametrize("case", CORPUS_CASES)
+def test_bad_corpus(outcomes, case):
+    check_clean_failure(outcomes, case)
+
+
+@pytest.mark.parametrize("case", DOWNLOAD_CASES)
+def test_bad_download(outcomes, case):
+    outcome = check_clean_failure(outcomes, case)
+    downloads = outcome.project / PATHS["downloads"]
+    cached = [str(p) for p in downloads.rglob("*")] if downloads.exists() else []
+    assert not cached, f"{case.id} cached {cached}"
+
+
+@pytest.mark.parametrize("case", PARAMS_CASES)
+def test_bad_params(outcomes, case):
+    check_clean_failure(outcomes, case)
+
+
+@pytest.mark.parametrize("case", TFRECORD_CASES)
+def test_bad_tfrecords(outcomes, case):
+    check_clean_failure(outcomes, case)
+
+
+@pytest.mark.parametrize("case", GENERATE_CASES)
+def test_bad_generate(outcomes, case):
+    check_clean_failure(outcomes, case)
+
+
+@pytest.mark.parametrize("case", MLFLOW_CASES)
+def test_tracking_server_down(outcomes, case):
+    check_clean_failure(outcomes, case)

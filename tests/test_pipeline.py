@@ -1,0 +1,96 @@
+"""End to end: real `dvc repro` in a temporary git repository, the MLflow record, and the CLI."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import BIN, dvc, run
+
+pytestmark = pytest.mark.slow
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def set_param(project, section, key, value):
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def training_runs(project):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("tests")
+    assert experiment is not None
+    return mlflow.search_runs([experiment.experiment_id], output_format="list",
+                              order_by=["attributes.start_time ASC"])
+
+
+def test_pipeline_end_to_end(project):
+    first = dvc(project, "repro")
+    assert stages_run(first.stdout) == ["vectorize", "sequences", "train", "evaluate"]
+    for path in ("data/vectorized/vocabulary.json", "data/sequences/manifest.json", "models/char_rnn/model.keras",
+                 "models/char_rnn/vocabulary.json", "models/char_rnn/model_summary.txt", "metrics/history.csv",
+                 "metrics/evaluate.json", "samples/samples.txt"):
+        assert (project / path).is_file(), path
+    assert list((project / "checkpoints/train").iterdir()) == []  # emptied after a finished training
+    history = (project / "metrics/history.csv").read_text().splitlines()
+    assert history[0] == "epoch,loss,val_loss" and len(history) == 3
+    metrics = yaml.safe_load((project / "metrics/evaluate.json").read_text())
+    assert metrics["val_bpc"] == pytest.approx(metrics["val_loss"] / 0.6931471805599453)
+    assert "ROMEO: " in (project / "samples/samples.txt").read_text()
+
+    # Nothing changed: nothing runs.
+    assert stages_run(dvc(project, "repro").stdout) == []
+    assert "val_loss" in dvc(project, "metrics", "show").stdout
+
+    runs = training_runs(project)
+    assert len(runs) == 1
+    run_ = runs[0]
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["train.rnn_units"] == "32" and run_.data.params["data.val_fraction"] == "0.1"
+    assert "git.commit" in run_.data.tags and "charrnn.model_sha256" in run_.data.tags
+    client = mlflow.MlflowClient()
+    for name in ("loss", "val_loss"):
+        steps = [m.step for m in client.get_metric_history(run_.info.run_id, name)]
+        assert sorted(set(steps)) == [1, 2]
+    assert run_.data.metrics["val_bpc"] == pytest.approx(metrics["val_bpc"])
+    artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
+    assert {"model_summary.txt", "vocabulary.json", "history.csv", "samples"} <= artifacts
+    summary = client.download_artifacts(run_.info.run_id, "model_summary.txt")
+    assert "Total params" in open(summary).read()
+    logged = mlflow.keras.load_model(f"runs:/{run_.info.run_id}/model")
+    assert logged.count_params() == int(run_.data.params["model.parameters"])
+
+    # A sampling change reruns only evaluate, into the same run, keeping the earlier samples.
+    set_param(project, "sample", "temperature", 0.5)
+    assert stages_run(dvc(project, "repro").stdout) == ["evaluate"]
+    runs = training_runs(project)
+    assert len(runs) == 1
+    samples = {a.path for a in client.list_artifacts(runs[0].info.run_id, "samples")}
+    assert len(samples) == 2
+
+    # A model change reruns train and evaluate only, as a second training run.
+    set_param(project, "train", "rnn_units", 16)
+    assert stages_run(dvc(project, "repro").stdout) == ["train", "evaluate"]
+    runs = training_runs(project)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert runs[1].data.params["train.rnn_units"] == "16"
+    assert {a.path for a in client.list_artifacts(runs[1].info.run_id, "samples")}
+
+    # The CLI generates from the trained model: same seed, same text.
+    args = [str(BIN / "charrnn"), "generate", "--model", "models/char_rnn", "--prime", "ROMEO: ",
+            "--length", "200", "--seed", "3"]
+    a, b = run(args, project), run(args, project)
+    assert a.stdout == b.stdout and a.stdout.startswith("ROMEO: ") and len(a.stdout) >= 207
+    other = run(args[:-1] + ["4"], project)
+    assert other.stdout != a.stdout
+    bad = run([*args[:4], "--prime", "ROMEO\u00a7"], project, check=False)
+    assert bad.returncode != 0 and "'\u00a7'" in bad.stderr and "Traceback" not in bad.stderr
