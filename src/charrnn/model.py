@@ -77,11 +77,25 @@ def summary_text(model: keras.Model) -> str:
 # ---- saving and loading -----------------------------------------------------------------------
 
 
-def _normalise_keras_zip(src: Path, dst: Path) -> None:
-    """Rewrite a ``.keras`` zip with fixed timestamps and no save date: same weights, same bytes.
+def _without_shared_object_ids(node):
+    """Drop the ``shared_object_id``s Keras writes into the config.
 
-    ``model.save`` stamps the wall-clock time into the archive, which would make every retrain a
-    different DVC output even when the weights are bit-identical.
+    They are Python ``id()``s (different in every process) and are only written for some objects
+    (a freshly built model and a reloaded one differ). They let a loader reuse one object for
+    several references; for initializers and dtype policies a copy each is equivalent.
+    """
+    if isinstance(node, dict):
+        return {k: _without_shared_object_ids(v) for k, v in node.items() if k != "shared_object_id"}
+    if isinstance(node, list):
+        return [_without_shared_object_ids(v) for v in node]
+    return node
+
+
+def _normalise_keras_zip(src: Path, dst: Path) -> None:
+    """Rewrite a ``.keras`` zip with fixed timestamps, no save date and no object ids.
+
+    ``model.save`` stamps the wall-clock time and memory addresses into the archive, which would
+    make every retrain a different DVC output even when the weights are bit-identical.
     """
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
         for name in sorted(zin.namelist()):
@@ -90,6 +104,8 @@ def _normalise_keras_zip(src: Path, dst: Path) -> None:
                 meta = json.loads(data)
                 meta.pop("date_saved", None)
                 data = json.dumps(meta, sort_keys=True).encode()
+            elif name == "config.json":
+                data = json.dumps(_without_shared_object_ids(json.loads(data)), sort_keys=True).encode()
             zout.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
 
 
@@ -104,6 +120,8 @@ def save_keras(model: keras.Model, path: Path) -> None:
 
 def load_keras(path: Path, compile: bool = True) -> keras.Model:
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):  # Keras would call it "File not found"
+        raise UserError(f"{path} is not a Keras model: not a zip archive (damaged or replaced); retrain it with `dvc repro`")
     try:
         return keras.models.load_model(path, compile=compile, safe_mode=True)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
