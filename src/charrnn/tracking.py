@@ -14,9 +14,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import mlflow
-
 from charrnn.errors import UserError
+
+# mlflow is imported where it is used: `check_server` runs before the heavy imports of a stage.
 
 MODEL_HASH_TAG = "charrnn.model_sha256"
 RESUME_KEY_TAG = "charrnn.resume_key"
@@ -51,8 +51,15 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def check_server() -> None:
+    """A stopped tracking server fails the stage in a second, before TensorFlow loads."""
+    _check_reachable(tracking_uri())
+
+
 def setup(experiment_name: str) -> str:
     """Point MLflow at the project's store and return the experiment id (created if needed)."""
+    import mlflow
+
     uri = tracking_uri()
     _check_reachable(uri)
     mlflow.set_tracking_uri(uri)
@@ -89,6 +96,8 @@ def source_tags() -> dict[str, str]:
 
 def find_run(experiment_id: str, tag: str, value: str):
     """The most recent run of the experiment whose ``tag`` equals ``value`` (or None)."""
+    import mlflow
+
     runs = mlflow.search_runs(
         experiment_ids=[experiment_id],
         filter_string=f"tags.`{tag}` = '{value}'",
@@ -100,6 +109,8 @@ def find_run(experiment_id: str, tag: str, value: str):
 
 
 def run_exists(run_id: str) -> bool:
+    import mlflow
+
     try:
         mlflow.get_run(run_id)
         return True

@@ -291,8 +291,11 @@ def train(
                     verbose=1 if chief else 0,
                 )
             except tf.errors.DataLossError as err:
+                # The message is "Graph execution error: ... corrupted record at N ..."; keep the cause.
+                lines = [line.strip() for line in err.message.splitlines() if line.strip()]
+                cause = next((line for line in lines if " record at " in line), lines[0] if lines else "data loss")
                 raise UserError(
-                    f"a TFRecord shard in {sequences_dir} is corrupt ({err.message.splitlines()[0][:160]}); "
+                    f"a TFRecord shard in {sequences_dir} is corrupt ({cause[:160]}); "
                     "rerun `dvc repro --force sequences`"
                 ) from None
         history = state["history"]
