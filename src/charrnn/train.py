@@ -42,9 +42,12 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        if not os.environ.get("TF_CONFIG"):
-            raise UserError("train.strategy is 'multi_worker' but TF_CONFIG is not set; see README 'multi-worker'")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        # Keras 3's fit() fails under MultiWorkerMirroredStrategy (keras-team/keras#20585: it
+        # all-reduces the input batch and scalar logs along axis 0). Refuse before any work.
+        raise UserError(
+            "train.strategy 'multi_worker' is not available: Keras 3 fit() does not run under "
+            "MultiWorkerMirroredStrategy (keras-team/keras#20585); use 'default' or 'mirrored'"
+        )
     return tf.distribute.get_strategy()
 
 
@@ -60,25 +63,16 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 # ---- data -------------------------------------------------------------------------------
 
 
-def training_dataset(shards, seq_length, config: TrainConfig, start_batch: int, input_context=None):
+def training_dataset(shards, seq_length, config: TrainConfig, start_batch: int):
     """An endless stream of training batches, starting at batch ``start_batch`` of the stream.
 
     The stream is pass after pass over the shards, pass p shuffled with the seed (seed, p); an
     epoch is the next ``steps_per_epoch`` batches of it (a full pass by default). Where a batch
     sits in the stream depends only on its index, so a resumed run sees the same batches as an
-    uninterrupted one. ``shards`` is a list of (path, windows). Under multi-worker training each
-    worker reads its own subset of the shard files and batches its share of the global batch.
+    uninterrupted one. ``shards`` is a list of (path, windows).
     """
     batch_size = config.batch_size
-    if input_context is not None:
-        shards = shards[input_context.input_pipeline_id::input_context.num_input_pipelines]
-        batch_size = input_context.get_per_replica_batch_size(batch_size)
     batches_per_pass = sum(n for _, n in shards) // batch_size
-    if batches_per_pass == 0:
-        raise UserError(
-            f"a worker's shards hold fewer than one batch of {batch_size} sequences; lower "
-            "sequences.shard_size_mb so that every worker gets shards, or use fewer workers"
-        )
     windows = sequences.windows_dataset([p for p, _ in shards], seq_length)
 
     def one_pass(index):
@@ -255,13 +249,12 @@ def train(
 
     steps = steps_per_epoch(config, manifest)
     train_shards = list(zip(train_paths, [s["windows"] for s in manifest["splits"]["train"]["shards"]]))
-    if strategy.num_replicas_in_sync > 1 or config.strategy == "multi_worker":
-        train_ds = strategy.distribute_datasets_from_function(
-            lambda ctx: training_dataset(train_shards, seq_length, config, initial_epoch * steps, ctx)
-        )
-    else:
-        train_ds = training_dataset(train_shards, seq_length, config, initial_epoch * steps)
-    val_ds = validation_dataset(val_paths, seq_length, config.batch_size, manifest["splits"]["val"]["windows"])
+    # Under MirroredStrategy Keras splits each global batch of this stream across the replicas.
+    train_ds = training_dataset(train_shards, seq_length, config, initial_epoch * steps)
+    val_windows = manifest["splits"]["val"]["windows"]
+    val_ds = validation_dataset(val_paths, seq_length, config.batch_size, val_windows)
+    if config.validation_steps:
+        val_ds = val_ds.take(config.validation_steps)  # the same leading val batches every epoch
 
     run_id = state.get("run_id") if resuming and state.get("run_id") and tracking.run_exists(state["run_id"]) else None
     active_run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id) if chief else None
@@ -285,8 +278,7 @@ def train(
                     epochs=config.epochs,
                     initial_epoch=initial_epoch,
                     steps_per_epoch=steps,
-                    # The same leading batches of the val split every epoch (all by default).
-                    validation_data=val_ds.take(config.validation_steps or -1),
+                    validation_data=val_ds,
                     callbacks=callbacks,
                     verbose=1 if chief else 0,
                 )
