@@ -14,10 +14,10 @@ import statistics
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from charrnn.generate import Generator, SamplingOptions
+from charrnn.generate import Generator
+from charrnn.sampling import SamplingOptions
 from charrnn.model import build_model, load_model_dir
 from charrnn.vocabulary import Vocabulary
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from charrnn.errors import UserError
-from charrnn.generate import Generator, SamplingOptions
+from charrnn.generate import Generator
+from charrnn.sampling import SamplingOptions
 from charrnn.model import build_model, load_model_dir, save_model_dir
 from charrnn.vocabulary import Vocabulary
 

@@ -24,11 +24,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def generate(args) -> None:
-    from charrnn.generate import Generator, SamplingOptions
-    from charrnn.model import load_model_dir
+    from charrnn.sampling import SamplingOptions
 
     options = SamplingOptions(args.length, args.temperature, args.top_k, args.num_samples, args.seed)
-    options.check()  # before the (slow) model load
+    options.check()  # before TensorFlow and the model load
+
+    from charrnn.generate import Generator
+    from charrnn.model import load_model_dir
+
     model, vocabulary = load_model_dir(args.model)
     options.check(len(vocabulary))
     vocabulary.encode(args.prime)

@@ -14,7 +14,8 @@ import mlflow
 
 from charrnn import files, model as model_lib, sequences, tracking
 from charrnn.config import SampleConfig
-from charrnn.generate import Generator, SamplingOptions
+from charrnn.generate import Generator
+from charrnn.sampling import SamplingOptions
 from charrnn.train import validation_dataset
 
 EVAL_BATCH = 64

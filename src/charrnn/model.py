@@ -7,7 +7,6 @@ the same layers, so one trained model generates at any batch size without a stat
 
 from __future__ import annotations
 
-import io
 import json
 import tempfile
 import zipfile

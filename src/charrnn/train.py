@@ -16,9 +16,7 @@ import hashlib
 import io
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import keras
@@ -49,15 +47,6 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
             "MultiWorkerMirroredStrategy (keras-team/keras#20585); use 'default' or 'mirrored'"
         )
     return tf.distribute.get_strategy()
-
-
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "chief" or (not has_chief and task_type == "worker" and task_id == 0)
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -142,11 +131,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
     history; a kill between the two would resume from the wrong epoch.
     """
 
-    def __init__(self, checkpoint_dir: Path, state: dict, chief: bool):
+    def __init__(self, checkpoint_dir: Path, state: dict):
         super().__init__()
         self.checkpoint_dir = Path(checkpoint_dir)
         self.state = state
-        self.chief = chief
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -154,12 +142,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
             {"epoch": epoch + 1, "loss": float(logs["loss"]), "val_loss": float(logs["val_loss"])}
         )
         self.state["epoch"] = epoch + 1
-        target = self.checkpoint_dir if self.chief else Path(tempfile.mkdtemp())
-        model_lib.save_keras(self.model, target / CHECKPOINT_FILE)
-        if self.chief:
-            files.write_json(target / STATE_FILE, self.state)
-        else:
-            shutil.rmtree(target, ignore_errors=True)
+        model_lib.save_keras(self.model, self.checkpoint_dir / CHECKPOINT_FILE)
+        files.write_json(self.checkpoint_dir / STATE_FILE, self.state)
 
 
 class MlflowEpochMetrics(keras.callbacks.Callback):
@@ -221,7 +205,6 @@ def train(
     experiment_id = tracking.setup(experiment)  # before any training: fail fast
     configure_determinism(config)
     strategy = make_strategy(config.strategy)
-    chief = is_chief(strategy)
     seq_length = manifest["seq_length"]
     train_paths = sequences.shard_paths(sequences_dir, manifest, "train")
     val_paths = sequences.shard_paths(sequences_dir, manifest, "val")
@@ -237,8 +220,7 @@ def train(
             model = model_lib.load_keras(Path(checkpoint_dir) / CHECKPOINT_FILE, compile=True)
             print(f"resuming from epoch {state['epoch']} ({checkpoint_dir})", flush=True)
         else:
-            if chief:
-                clear_checkpoints(checkpoint_dir)
+            clear_checkpoints(checkpoint_dir)
             state = {"key": key, "epoch": 0, "history": [], "run_id": None}
             model = model_lib.build_model(
                 len(vocabulary), config.embedding_dim, config.rnn_units, config.num_layers,
@@ -257,20 +239,17 @@ def train(
         val_ds = val_ds.take(config.validation_steps)  # the same leading val batches every epoch
 
     run_id = state.get("run_id") if resuming and state.get("run_id") and tracking.run_exists(state["run_id"]) else None
-    active_run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id) if chief else None
+    active_run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id)
     try:
-        if chief:
-            state["run_id"] = active_run.info.run_id
-            if run_id is None:
-                mlflow.set_tags({**tracking.source_tags(), tracking.RESUME_KEY_TAG: key})
-                mlflow.log_params({**mlflow_params, "data.vocab_size": len(vocabulary),
-                                   "data.train_windows": manifest["splits"]["train"]["windows"],
-                                   "model.parameters": model.count_params()})
-                mlflow.log_text(model_lib.summary_text(model), "model_summary.txt")
-                mlflow.log_dict({"chars": vocabulary.chars}, "vocabulary.json")
-        callbacks = [EpochCheckpoint(checkpoint_dir, state, chief)]
-        if chief:
-            callbacks.insert(0, MlflowEpochMetrics())
+        state["run_id"] = active_run.info.run_id
+        if run_id is None:
+            mlflow.set_tags({**tracking.source_tags(), tracking.RESUME_KEY_TAG: key})
+            mlflow.log_params({**mlflow_params, "data.vocab_size": len(vocabulary),
+                               "data.train_windows": manifest["splits"]["train"]["windows"],
+                               "model.parameters": model.count_params()})
+            mlflow.log_text(model_lib.summary_text(model), "model_summary.txt")
+            mlflow.log_dict({"chars": vocabulary.chars}, "vocabulary.json")
+        callbacks = [MlflowEpochMetrics(), EpochCheckpoint(checkpoint_dir, state)]
         if initial_epoch < config.epochs:
             try:
                 model.fit(
@@ -280,7 +259,7 @@ def train(
                     steps_per_epoch=steps,
                     validation_data=val_ds,
                     callbacks=callbacks,
-                    verbose=1 if chief else 0,
+                    verbose=1,
                 )
             except tf.errors.DataLossError as err:
                 # The message is "Graph execution error: ... corrupted record at N ..."; keep the cause.
@@ -294,25 +273,17 @@ def train(
         final = {"loss": history[-1]["loss"], "val_loss": history[-1]["val_loss"]}
         final["val_bpc"] = final["val_loss"] / math.log(2)
 
-        out_dir = Path(model_dir) if chief else Path(tempfile.mkdtemp())
-        model_lib.save_model_dir(model, vocabulary, out_dir)
-        if chief:
-            files.write_text(history_path, history_csv(history))
-            model_hash = files.sha256_file(out_dir / model_lib.MODEL_FILE)
-            mlflow.set_tag(tracking.MODEL_HASH_TAG, model_hash)
-            mlflow.log_artifact(str(history_path))
-            log_keras_model(model, len(vocabulary))
-            clear_checkpoints(checkpoint_dir)
-        else:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        model_lib.save_model_dir(model, vocabulary, Path(model_dir))
+        files.write_text(history_path, history_csv(history))
+        mlflow.set_tag(tracking.MODEL_HASH_TAG, files.sha256_file(Path(model_dir) / model_lib.MODEL_FILE))
+        mlflow.log_artifact(str(history_path))
+        log_keras_model(model, len(vocabulary))
+        clear_checkpoints(checkpoint_dir)
     except BaseException as err:
-        if chief:
-            mlflow.set_tag("charrnn.error", f"{type(err).__name__}: {err}"[:5000])
-            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-            mlflow.end_run(status=status)
+        mlflow.set_tag("charrnn.error", f"{type(err).__name__}: {err}"[:5000])
+        mlflow.end_run(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    if chief:
-        mlflow.end_run()
+    mlflow.end_run()
     return final
 
 
