@@ -26,6 +26,9 @@ def main():
 
     final = train(config, args.sequences, args.vocabulary, args.model, args.checkpoints, args.history,
                   mlflow_config.experiment, params)
+    if final is None:
+        print("worker done (the chief writes the model and the MLflow run)")
+        return
     print(f"final: loss {final['loss']:.4f}, val_loss {final['val_loss']:.4f} "
           f"({final['val_bpc']:.4f} bits/char) -> {args.model}")
 

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -40,13 +41,20 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        # Keras 3's fit() fails under MultiWorkerMirroredStrategy (keras-team/keras#20585: it
-        # all-reduces the input batch and scalar logs along axis 0). Refuse before any work.
-        raise UserError(
-            "train.strategy 'multi_worker' is not available: Keras 3 fit() does not run under "
-            "MultiWorkerMirroredStrategy (keras-team/keras#20585); use 'default' or 'mirrored'"
-        )
+        if not os.environ.get("TF_CONFIG"):
+            raise UserError("train.strategy is 'multi_worker' but TF_CONFIG is not set; see README 'Team setup'")
+        return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Worker 0 (or the task named "chief") writes checkpoints, the model and the MLflow run."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    if "chief" in resolver.cluster_spec().as_dict():
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -192,8 +200,11 @@ def train(
     history_path: Path,
     experiment: str,
     mlflow_params: dict,
-) -> dict:
-    """Train (or resume), save the model folder and history, and log the run. Returns metrics."""
+) -> dict | None:
+    """Train (or resume), save the model folder and history, and log the run.
+
+    Returns the final metrics, or None on a multi-worker worker that is not the chief.
+    """
     manifest = sequences.load_manifest(sequences_dir)
     vocabulary = Vocabulary.load(vocabulary_path)
     if manifest["vocab_size"] != len(vocabulary):
@@ -202,9 +213,10 @@ def train(
             f"has {len(vocabulary)}; rerun `dvc repro`"
         )
     check_data(manifest, config)
-    experiment_id = tracking.setup(experiment)  # before any training: fail fast
+    strategy = make_strategy(config.strategy)  # first: collective ops must be set up before others
+    chief = is_chief(strategy)
+    experiment_id = tracking.setup(experiment) if chief else None  # before any training: fail fast
     configure_determinism(config)
-    strategy = make_strategy(config.strategy)
     seq_length = manifest["seq_length"]
     train_paths = sequences.shard_paths(sequences_dir, manifest, "train")
     val_paths = sequences.shard_paths(sequences_dir, manifest, "val")
@@ -220,7 +232,8 @@ def train(
             model = model_lib.load_keras(Path(checkpoint_dir) / CHECKPOINT_FILE, compile=True)
             print(f"resuming from epoch {state['epoch']} ({checkpoint_dir})", flush=True)
         else:
-            clear_checkpoints(checkpoint_dir)
+            if chief:
+                clear_checkpoints(checkpoint_dir)
             state = {"key": key, "epoch": 0, "history": [], "run_id": None}
             model = model_lib.build_model(
                 len(vocabulary), config.embedding_dim, config.rnn_units, config.num_layers,
@@ -238,6 +251,10 @@ def train(
     if config.validation_steps:
         val_ds = val_ds.take(config.validation_steps)  # the same leading val batches every epoch
 
+    if not chief:  # a worker that writes nothing: train in step with the others, then leave
+        fit_multi_worker(model, strategy, config, train_shards, seq_length, val_ds, steps, initial_epoch, [], 0)
+        return None
+
     run_id = state.get("run_id") if resuming and state.get("run_id") and tracking.run_exists(state["run_id"]) else None
     active_run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id)
     try:
@@ -252,15 +269,19 @@ def train(
         callbacks = [MlflowEpochMetrics(), EpochCheckpoint(checkpoint_dir, state)]
         if initial_epoch < config.epochs:
             try:
-                model.fit(
-                    train_ds,
-                    epochs=config.epochs,
-                    initial_epoch=initial_epoch,
-                    steps_per_epoch=steps,
-                    validation_data=val_ds,
-                    callbacks=callbacks,
-                    verbose=1,
-                )
+                if config.strategy == "multi_worker":
+                    fit_multi_worker(model, strategy, config, train_shards, seq_length, val_ds, steps,
+                                     initial_epoch, callbacks, 1)
+                else:
+                    model.fit(
+                        train_ds,
+                        epochs=config.epochs,
+                        initial_epoch=initial_epoch,
+                        steps_per_epoch=steps,
+                        validation_data=val_ds,
+                        callbacks=callbacks,
+                        verbose=1,
+                    )
             except tf.errors.DataLossError as err:
                 # The message is "Graph execution error: ... corrupted record at N ..."; keep the cause.
                 lines = [line.strip() for line in err.message.splitlines() if line.strip()]
@@ -285,6 +306,60 @@ def train(
         raise
     mlflow.end_run()
     return final
+
+
+def fit_multi_worker(model, strategy, config, train_shards, seq_length, val_ds, steps, initial_epoch,
+                     callbacks, verbose):
+    """The training loop under MultiWorkerMirroredStrategy, where Keras 3's ``fit()`` fails
+    (keras-team/keras#20585). Each worker streams its own subset of the shard files and batches
+    its share of the global batch; the optimizer all-reduces the gradients; every worker scores
+    the same validation batches. Callbacks get the same ``on_epoch_end`` logs as under ``fit``.
+    """
+
+    def dataset_fn(context):
+        shards = train_shards[context.input_pipeline_id::context.num_input_pipelines]
+        if not shards:
+            raise UserError(f"{context.num_input_pipelines} workers but only {len(train_shards)} train "
+                            "shard(s); lower sequences.shard_size_mb so every worker gets a shard")
+        local = dataclasses.replace(config, batch_size=context.get_per_replica_batch_size(config.batch_size))
+        return training_dataset(shards, seq_length, local, initial_epoch * steps)
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
+    @tf.function
+    def train_step(iterator):
+        def replica_step(x, y):
+            with tf.GradientTape() as tape:
+                per_sequence = tf.reduce_mean(per_token(y, model(x, training=True)), axis=1)
+                loss = tf.reduce_sum(per_sequence) / config.batch_size  # this replica's share of the mean
+            grads = tape.gradient(loss, model.trainable_variables)
+            model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        return strategy.reduce("SUM", strategy.run(replica_step, args=next(iterator)), axis=None)
+
+    @tf.function
+    def val_step(x, y):
+        return tf.reduce_mean(per_token(y, model(x, training=False)))
+
+    for callback in callbacks:
+        callback.set_model(model)
+    for epoch in range(initial_epoch, config.epochs):
+        if verbose:
+            print(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
+        bar = keras.utils.Progbar(steps, verbose=verbose)
+        losses = []
+        for i in range(steps):
+            losses.append(float(train_step(iterator)))
+            bar.update(i + 1, [("loss", losses[-1])])
+        scored = [(float(val_step(x, y)), int(x.shape[0])) for x, y in val_ds]
+        logs = {"loss": float(np.mean(losses)),
+                "val_loss": sum(l * n for l, n in scored) / sum(n for _, n in scored)}
+        if verbose:
+            print(f"loss {logs['loss']:.4f} - val_loss {logs['val_loss']:.4f}", flush=True)
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, logs)
 
 
 def log_keras_model(model: keras.Model, vocab_size: int) -> None:
