@@ -87,7 +87,3 @@ def project(tmp_path, corpus_text) -> Path:
 def dvc(project: Path, *args, env=None, check=True):
     return run([str(BIN / "dvc"), *args], project, env=env, check=check)
 
-
-def stage(project: Path, script: str, *args, env=None, check=False):
-    """Run one stage script directly (as DVC would) and return the completed process."""
-    return run([sys.executable, f"stages/{script}.py", *args], project, env=env, check=check)

@@ -244,8 +244,6 @@ def train(
 
     steps = steps_per_epoch(config, manifest)
     train_shards = list(zip(train_paths, [s["windows"] for s in manifest["splits"]["train"]["shards"]]))
-    # Under MirroredStrategy Keras splits each global batch of this stream across the replicas.
-    train_ds = training_dataset(train_shards, seq_length, config, initial_epoch * steps)
     val_windows = manifest["splits"]["val"]["windows"]
     val_ds = validation_dataset(val_paths, seq_length, config.batch_size, val_windows)
     if config.validation_steps:
@@ -273,8 +271,9 @@ def train(
                     fit_multi_worker(model, strategy, config, train_shards, seq_length, val_ds, steps,
                                      initial_epoch, callbacks, 1)
                 else:
+                    # Under MirroredStrategy Keras splits each global batch across the replicas.
                     model.fit(
-                        train_ds,
+                        training_dataset(train_shards, seq_length, config, initial_epoch * steps),
                         epochs=config.epochs,
                         initial_epoch=initial_epoch,
                         steps_per_epoch=steps,
