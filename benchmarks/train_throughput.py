@@ -1,6 +1,6 @@
 """Training throughput of the seed config per precision policy, against this CPU's matmul speed.
 
-    python benchmarks/train_throughput.py [--steps 6] [--repeats 3] [--policies float32 mixed_bfloat16]
+    python benchmarks/train_throughput.py [--steps 6] [--repeats 3] [--policies float32 mixed_bfloat16 float32+xla]
 
 The pipeline trains with TensorFlow op determinism on (train.deterministic); that switch is
 process-wide and cannot be undone, so the fp32 figure with it on is measured in a child process
@@ -47,10 +47,12 @@ def matmul_gflops(repeats: int) -> float:
     return statistics.median(rates)
 
 
-def tokens_per_s(policy: str, steps: int) -> float:
+def tokens_per_s(variant: str, steps: int) -> float:
+    """``variant``: a precision policy, optionally with ``+xla`` (the train step compiled by XLA)."""
+    policy, _, xla = variant.partition("+")
     keras.utils.set_random_seed(0)
     model = build_model(VOCAB, 256, 1024, precision=policy)
-    compile_model(model, 1e-3)
+    compile_model(model, 1e-3, jit_compile=xla == "xla")
     rng = np.random.default_rng(0)
     x = rng.integers(0, VOCAB, (BATCH, SEQ), dtype=np.int32)
     ds = tf.data.Dataset.from_tensors((x, np.roll(x, -1, axis=1))).repeat()
@@ -64,7 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--policies", nargs="+", default=["float32", "mixed_bfloat16"])
+    parser.add_argument("--policies", nargs="+", default=["float32", "mixed_bfloat16", "float32+xla"],
+                        help="precision policies; POLICY+xla compiles the train step with XLA (train.jit_compile)")
     parser.add_argument("--default-policy", default="float32", help="the pipeline's default (params.yaml)")
     parser.add_argument("--op-determinism", action="store_true", help="(child) measure with op determinism on")
     args = parser.parse_args()
@@ -96,7 +99,7 @@ def main() -> None:
         "tokens_per_s_fp32": round(medians.get("float32", float("nan")), 1),
         "matmul_gflops": round(gflops, 1),
         "fp32_fraction_of_matmul": round(medians.get("float32", float("nan")) / ceiling, 3),
-        **{f"tokens_per_s_{p}": round(v, 1) for p, v in medians.items()},
+        **{f"tokens_per_s_{p.replace('+', '_')}": round(v, 1) for p, v in medians.items()},
         "tokens_per_s_fp32_op_determinism": round(deterministic, 1),
         "op_determinism_ratio": round(deterministic / medians["float32"], 3),
         "default_policy": args.default_policy,

@@ -132,3 +132,18 @@ def test_url_checksum_mismatch_caches_nothing(tmp_path, http_root):
     with pytest.raises(UserError, match="checksum mismatch"):
         corpus.download(f"{base}/corpus.txt", "0" * 64, cache)
     assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_a_checkpoint_resumes_under_another_strategy_but_not_other_params():
+    from dataclasses import replace
+
+    from charrnn.config import TrainConfig
+    from charrnn.train import resume_key
+
+    manifest = {"seq_length": 100, "splits": {}}
+    base = TrainConfig()
+    key = resume_key(base, manifest)
+    assert resume_key(replace(base, strategy="multi_worker"), manifest) == key
+    assert resume_key(replace(base, epochs=base.epochs + 5), manifest) == key
+    assert resume_key(replace(base, learning_rate=0.002), manifest) != key
+    assert resume_key(base, {**manifest, "seq_length": 50}) != key

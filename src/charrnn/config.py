@@ -63,11 +63,14 @@ class TrainConfig:
     steps_per_epoch: int | None = _field(None, POSITIVE)
     validation_steps: int | None = _field(None, POSITIVE)
     learning_rate: float = _field(0.001, POSITIVE)
+    lr_schedule: str = _field("constant", _choice("constant", "cosine"))
+    warmup_steps: int = _field(0, NON_NEGATIVE)
     clipnorm: float | None = _field(None, POSITIVE)
     precision: str = _field("float32", _choice("float32", "mixed_bfloat16", "mixed_float16"))
     strategy: str = _field("default", _choice("default", "mirrored", "multi_worker"))
     shuffle_buffer: int = _field(10_000, POSITIVE)
     deterministic: bool = True
+    jit_compile: bool = False
     seed: int = _field(42, NON_NEGATIVE)
 
 

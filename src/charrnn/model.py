@@ -32,20 +32,24 @@ def build_model(
     num_layers: int = 1,
     dropout: float = 0.0,
     precision: str = "float32",
+    stateful_batch: int | None = None,
 ) -> keras.Model:
     """The tutorial's architecture, generalised to ``num_layers`` LSTMs with dropout between.
 
     The LSTM keeps Keras' cuDNN-compatible defaults (tanh/sigmoid, no recurrent dropout, no
-    unroll, bias on), so on a GPU it runs the fused cuDNN kernel.
+    unroll, bias on), so on a GPU it runs the fused cuDNN kernel. ``stateful_batch`` builds the
+    stateful twin (fixed batch, LSTM state carried from batch to batch, as char-rnn trains on
+    contiguous streams); its weights are the same list as the stateless model's.
     """
     policy = keras.mixed_precision.DTypePolicy(precision)
-    ids = keras.Input(shape=(None,), dtype="int32", name="ids")
+    ids = keras.Input(batch_shape=(stateful_batch, None), dtype="int32", name="ids")
     x = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding", dtype=policy)(ids)
     for i in range(num_layers):
         x = keras.layers.LSTM(
             rnn_units,
             return_sequences=True,
             recurrent_initializer="glorot_uniform",
+            stateful=stateful_batch is not None,
             name=f"lstm_{i}" if num_layers > 1 else "lstm",
             dtype=policy,
         )(x)
@@ -60,10 +64,29 @@ def lstm_layers(model: keras.Model) -> list:
     return [layer for layer in model.layers if isinstance(layer, keras.layers.LSTM)]
 
 
-def compile_model(model: keras.Model, learning_rate: float, clipnorm: float | None = None) -> None:
+def learning_rate_schedule(learning_rate: float, schedule: str = "constant", total_steps: int = 1,
+                           warmup_steps: int = 0):
+    """A constant rate, or Keras' cosine decay to a tenth of the peak at ``total_steps``, after a
+    linear warm-up from 1% of the peak over ``warmup_steps``. Keyed on the optimizer's step count,
+    so a resumed run continues the schedule where it stopped."""
+    if schedule == "constant":
+        return learning_rate
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=learning_rate * 0.01 if warmup_steps else learning_rate,
+        decay_steps=max(total_steps - warmup_steps, 1),
+        alpha=0.1,
+        warmup_target=learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
+def compile_model(model: keras.Model, learning_rate, clipnorm: float | None = None,
+                  jit_compile: bool = False) -> None:
+    """Adam on the sparse cross-entropy of the logits; ``learning_rate`` is a float or a schedule."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=clipnorm),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
     )
 
 

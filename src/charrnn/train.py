@@ -107,9 +107,14 @@ def validation_dataset(paths, seq_length, batch_size, windows):
 
 
 def resume_key(config: TrainConfig, manifest: dict) -> str:
-    """What a checkpoint must match to be resumed: every train param but ``epochs``, and the data."""
+    """What a checkpoint must match to be resumed: every train param but ``epochs`` (unless the
+    learning rate decays over them) and ``strategy``, and the data. The strategy only says where the same global batch is computed,
+    so a run started on two workers can finish on one machine (or the other way round).
+    """
     params = dataclasses.asdict(config)
-    params.pop("epochs")
+    if config.lr_schedule == "constant":  # a decaying schedule is stretched over all the epochs
+        params.pop("epochs")
+    params.pop("strategy")
     blob = json.dumps({"train": params, "data": manifest}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -213,6 +218,10 @@ def train(
             f"has {len(vocabulary)}; rerun `dvc repro`"
         )
     check_data(manifest, config)
+    steps = steps_per_epoch(config, manifest)
+    if config.lr_schedule != "constant" and config.warmup_steps >= config.epochs * steps:
+        raise UserError(f"train.warmup_steps={config.warmup_steps} is not below the {config.epochs * steps} "
+                        "training steps (epochs x steps_per_epoch); lower it or train longer")
     strategy = make_strategy(config.strategy)  # first: collective ops must be set up before others
     chief = is_chief(strategy)
     experiment_id = tracking.setup(experiment) if chief else None  # before any training: fail fast
@@ -239,10 +248,14 @@ def train(
                 len(vocabulary), config.embedding_dim, config.rnn_units, config.num_layers,
                 config.dropout, config.precision,
             )
-            model_lib.compile_model(model, config.learning_rate, config.clipnorm)
+            schedule = model_lib.learning_rate_schedule(config.learning_rate, config.lr_schedule,
+                                                        config.epochs * steps, config.warmup_steps)
+            model_lib.compile_model(model, schedule, config.clipnorm)
+        if config.jit_compile and config.strategy != "multi_worker":
+            # Recompiling keeps the optimizer (and its restored state); only the train step changes.
+            model.compile(optimizer=model.optimizer, loss=model.loss, jit_compile=True)
     initial_epoch = state["epoch"]
 
-    steps = steps_per_epoch(config, manifest)
     train_shards = list(zip(train_paths, [s["windows"] for s in manifest["splits"]["train"]["shards"]]))
     val_windows = manifest["splits"]["val"]["windows"]
     val_ds = validation_dataset(val_paths, seq_length, config.batch_size, val_windows)
