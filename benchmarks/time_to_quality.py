@@ -15,8 +15,8 @@ Two final figures, both over the whole val split (the last 10% of the text):
   carried across, as char-rnn evaluates: each character's loss given all the text before it.
 
 What can be varied: the model (``--rnn-units``, ``--num-layers``, ...), ``--jit-compile`` (XLA),
-the learning-rate schedule over the time budget (``--lr-schedule cosine``: linear warm-up for
-``--warmup-seconds``, then cosine decay to ``--min-lr-ratio`` of the peak when the budget ends),
+the learning-rate schedule over the time budget (``--lr-decay-fraction F``: constant, then a
+cosine decay to a tenth of the peak over the last F of the budget; ``--warmup-seconds``),
 and the data layout: ``windows`` (the pipeline's: shuffled independent windows, zero state each)
 or ``streams`` (char-rnn's: the training text cut into ``batch-size`` contiguous streams read in
 order, the LSTM state carried from batch to batch). Last line: one JSON object.
@@ -46,15 +46,18 @@ STREAM_EVAL = 16
 
 
 def learning_rate_at(fraction: float, peak: float, args) -> float:
-    """The learning rate after ``fraction`` of the time budget (see module docstring)."""
-    if args.lr_schedule == "constant":
-        return peak
+    """The learning rate after ``fraction`` of the time budget: the peak, then a cosine decay to a
+    tenth of it over the last ``--lr-decay-fraction`` of the budget (train.lr_decay_fraction's
+    schedule, on time instead of steps); an optional linear warm-up from 1% over the first
+    ``--warmup-seconds``."""
     warmup = args.warmup_seconds / (args.minutes * 60)
     if fraction < warmup:
         return peak * max(fraction / warmup, 0.01)
-    progress = min((fraction - warmup) / max(1 - warmup, 1e-9), 1.0)
-    floor = peak * args.min_lr_ratio
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = max(1 - args.lr_decay_fraction, warmup)
+    if args.lr_decay_fraction == 0 or fraction < decay_start:
+        return peak
+    progress = min((fraction - decay_start) / max(1 - decay_start, 1e-9), 1.0)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class Budget(keras.callbacks.Callback):
@@ -79,7 +82,8 @@ class Budget(keras.callbacks.Callback):
             loss = self.scorer(self.model).evaluate(self.probe, verbose=0)
             self.series.append((round(self.trained, 1), round(float(loss), 4)))
             steps = int(self.model.optimizer.iterations.numpy())
-            print(f"  {self.trained:7.1f} s  val loss {loss:.4f} (probe)  step {steps}", flush=True)
+            lr = float(self.model.optimizer.learning_rate)
+            print(f"  {self.trained:7.1f} s  val loss {loss:.4f} (probe)  step {steps}  lr {lr:.2e}", flush=True)
         if self.trained >= self.seconds:
             self.model.stop_training = True
 
@@ -131,9 +135,9 @@ def main() -> None:
     parser.add_argument("--probe-batches", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=100)
     parser.add_argument("--jit-compile", action="store_true", help="compile the train step with XLA")
-    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-    parser.add_argument("--warmup-seconds", type=float, default=10.0)
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1)
+    parser.add_argument("--lr-decay-fraction", type=float, default=0.0,
+                        help="share of the budget, at its end, over which the learning rate decays (0 = constant)")
+    parser.add_argument("--warmup-seconds", type=float, default=0.0)
     parser.add_argument("--layout", choices=["windows", "streams"], default="windows")
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("batch_size", "embedding_dim", "rnn_units", "num_layers", "dropout",
@@ -173,7 +177,7 @@ def main() -> None:
         budget = Budget(args.minutes * 60, args.report_every, val_ds.take(args.probe_batches), scorer, args)
         print(f"{model.count_params():,} parameters; {vectorized.train_chars:,} train / "
               f"{vectorized.val_chars:,} val chars; budget {args.minutes} min of training; "
-              f"layout {args.layout}, lr {args.lr_schedule}, XLA {'on' if args.jit_compile else 'off'}", flush=True)
+              f"layout {args.layout}, lr decay over the last {args.lr_decay_fraction:.0%}, XLA {'on' if args.jit_compile else 'off'}", flush=True)
         _, train_ids, val_ids = load_ids(tmp / "vec")
         if stateful:
             data = stream_batches(train_ids, config.batch_size, args.seq_length)
@@ -197,8 +201,8 @@ def main() -> None:
                       "steps": steps, "tokens": tokens, "series": budget.series,
                       "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"},
                       "seq_length": args.seq_length, "layout": args.layout, "jit_compile": args.jit_compile,
-                      "lr_schedule": args.lr_schedule, "warmup_seconds": args.warmup_seconds,
-                      "min_lr_ratio": args.min_lr_ratio}))
+                      "lr_decay_fraction": args.lr_decay_fraction,
+                      "warmup_seconds": args.warmup_seconds}))
 
 
 if __name__ == "__main__":

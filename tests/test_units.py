@@ -147,3 +147,18 @@ def test_a_checkpoint_resumes_under_another_strategy_but_not_other_params():
     assert resume_key(replace(base, epochs=base.epochs + 5), manifest) == key
     assert resume_key(replace(base, learning_rate=0.002), manifest) != key
     assert resume_key(base, {**manifest, "seq_length": 50}) != key
+    # A decaying learning rate is laid out over all the epochs: more epochs, another schedule.
+    decaying = replace(base, lr_decay_fraction=0.2)
+    assert resume_key(replace(decaying, epochs=base.epochs + 5), manifest) != resume_key(decaying, manifest)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_lstm_arguments_stay_cudnn_compatible(num_layers):
+    """On a GPU Keras runs the fused cuDNN kernel only for these argument values."""
+    from charrnn.model import lstm_layers
+
+    for layer in lstm_layers(build_model(65, 8, 16, num_layers=num_layers, dropout=0.1)):
+        config = layer.get_config()
+        assert config["activation"] == "tanh" and config["recurrent_activation"] == "sigmoid"
+        assert config["recurrent_dropout"] == 0 and config["unroll"] is False and config["use_bias"] is True
+        assert layer.use_cudnn == "auto"

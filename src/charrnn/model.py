@@ -64,19 +64,20 @@ def lstm_layers(model: keras.Model) -> list:
     return [layer for layer in model.layers if isinstance(layer, keras.layers.LSTM)]
 
 
-def learning_rate_schedule(learning_rate: float, schedule: str = "constant", total_steps: int = 1,
-                           warmup_steps: int = 0):
-    """A constant rate, or Keras' cosine decay to a tenth of the peak at ``total_steps``, after a
-    linear warm-up from 1% of the peak over ``warmup_steps``. Keyed on the optimizer's step count,
-    so a resumed run continues the schedule where it stopped."""
-    if schedule == "constant":
+def learning_rate_schedule(learning_rate: float, total_steps: int, decay_fraction: float = 0.0):
+    """``learning_rate``, then a cosine decay to a tenth of it over the last ``decay_fraction`` of
+    ``total_steps`` (0 = constant). Short CPU runs learn fastest at the peak rate and gain from
+    annealing only at the end (benchmarks/time_to_quality.py). Keras' own ``CosineDecay``, its
+    "warm-up" held at the peak; keyed on the optimizer's step count, so a resumed run continues it."""
+    if decay_fraction == 0:
         return learning_rate
+    decay_steps = max(1, round(total_steps * decay_fraction))
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=learning_rate * 0.01 if warmup_steps else learning_rate,
-        decay_steps=max(total_steps - warmup_steps, 1),
+        initial_learning_rate=learning_rate,
+        decay_steps=decay_steps,
         alpha=0.1,
-        warmup_target=learning_rate if warmup_steps else None,
-        warmup_steps=warmup_steps,
+        warmup_target=learning_rate,
+        warmup_steps=max(total_steps - decay_steps, 0),
     )
 
 

@@ -112,7 +112,7 @@ def resume_key(config: TrainConfig, manifest: dict) -> str:
     so a run started on two workers can finish on one machine (or the other way round).
     """
     params = dataclasses.asdict(config)
-    if config.lr_schedule == "constant":  # a decaying schedule is stretched over all the epochs
+    if config.lr_decay_fraction == 0:  # a decaying learning rate is laid out over all the epochs
         params.pop("epochs")
     params.pop("strategy")
     blob = json.dumps({"train": params, "data": manifest}, sort_keys=True).encode()
@@ -219,9 +219,6 @@ def train(
         )
     check_data(manifest, config)
     steps = steps_per_epoch(config, manifest)
-    if config.lr_schedule != "constant" and config.warmup_steps >= config.epochs * steps:
-        raise UserError(f"train.warmup_steps={config.warmup_steps} is not below the {config.epochs * steps} "
-                        "training steps (epochs x steps_per_epoch); lower it or train longer")
     strategy = make_strategy(config.strategy)  # first: collective ops must be set up before others
     chief = is_chief(strategy)
     experiment_id = tracking.setup(experiment) if chief else None  # before any training: fail fast
@@ -248,8 +245,8 @@ def train(
                 len(vocabulary), config.embedding_dim, config.rnn_units, config.num_layers,
                 config.dropout, config.precision,
             )
-            schedule = model_lib.learning_rate_schedule(config.learning_rate, config.lr_schedule,
-                                                        config.epochs * steps, config.warmup_steps)
+            schedule = model_lib.learning_rate_schedule(config.learning_rate, config.epochs * steps,
+                                                        config.lr_decay_fraction)
             model_lib.compile_model(model, schedule, config.clipnorm)
         if config.jit_compile and config.strategy != "multi_worker":
             # Recompiling keeps the optimizer (and its restored state); only the train step changes.
