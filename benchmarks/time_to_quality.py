@@ -147,7 +147,8 @@ def main() -> None:
     args = parser.parse_args()
     config = TrainConfig(batch_size=args.batch_size, embedding_dim=args.embedding_dim, rnn_units=args.rnn_units,
                          num_layers=args.num_layers, dropout=args.dropout, learning_rate=args.learning_rate,
-                         clipnorm=args.clipnorm, precision=args.precision, seed=args.seed, epochs=1_000)
+                         clipnorm=args.clipnorm, precision=args.precision, seed=args.seed, epochs=1_000,
+                         lr_decay_fraction=args.lr_decay_fraction, jit_compile=args.jit_compile)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -200,9 +201,7 @@ def main() -> None:
                       "train_seconds": round(budget.trained, 1), "wall_seconds": round(wall, 1),
                       "steps": steps, "tokens": tokens, "series": budget.series,
                       "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"},
-                      "seq_length": args.seq_length, "layout": args.layout, "jit_compile": args.jit_compile,
-                      "lr_decay_fraction": args.lr_decay_fraction,
-                      "warmup_seconds": args.warmup_seconds}))
+                      "seq_length": args.seq_length, "layout": args.layout, "warmup_seconds": args.warmup_seconds}))
 
 
 if __name__ == "__main__":
