@@ -163,9 +163,7 @@ def main() -> None:
         stateful = args.layout == "streams"
         model = build_model(vocab_size, config.embedding_dim, config.rnn_units, config.num_layers,
                             config.dropout, config.precision, stateful_batch=config.batch_size if stateful else None)
-        compile_model(model, config.learning_rate, config.clipnorm)
-        if args.jit_compile:
-            model.compile(optimizer=model.optimizer, loss=model.loss, jit_compile=True)
+        compile_model(model, config.learning_rate, config.clipnorm, jit_compile=args.jit_compile)
         stateless = build_model(vocab_size, config.embedding_dim, config.rnn_units, config.num_layers,
                                 config.dropout, config.precision)
         compile_model(stateless, config.learning_rate)

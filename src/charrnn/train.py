@@ -108,8 +108,8 @@ def validation_dataset(paths, seq_length, batch_size, windows):
 
 def resume_key(config: TrainConfig, manifest: dict) -> str:
     """What a checkpoint must match to be resumed: every train param but ``epochs`` (unless the
-    learning rate decays over them) and ``strategy``, and the data. The strategy only says where the same global batch is computed,
-    so a run started on two workers can finish on one machine (or the other way round).
+    learning rate decays over them) and ``strategy``, and the data. The strategy only says where
+    the same global batch is computed, so a run started on two workers can finish on one machine.
     """
     params = dataclasses.asdict(config)
     if config.lr_decay_fraction == 0:  # a decaying learning rate is laid out over all the epochs
