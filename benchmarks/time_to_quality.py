@@ -39,7 +39,8 @@ import tensorflow as tf
 from charrnn import sequences
 from charrnn.config import DataConfig, TrainConfig
 from charrnn.model import build_model, compile_model
-from charrnn.train import configure_determinism, training_dataset, validation_dataset
+from charrnn.batches import training_dataset, validation_dataset
+from charrnn.train import configure_determinism
 from charrnn.vectorize import load_ids, vectorize
 
 STREAM_EVAL = 16

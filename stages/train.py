@@ -1,10 +1,11 @@
 """DVC stage `train`: TFRecord shards -> trained model folder, loss history; one MLflow run."""
 
 import argparse
+import json
 from pathlib import Path
 
 from charrnn.config import as_flat_dict, load_params
-from charrnn.errors import exit_on_user_error
+from charrnn.errors import UserError, exit_on_user_error
 from charrnn.tracking import check_server
 
 
@@ -16,6 +17,7 @@ def main():
     parser.add_argument("--model", type=Path, required=True, help="model folder to write")
     parser.add_argument("--checkpoints", type=Path, required=True, help="resumable training state")
     parser.add_argument("--history", type=Path, required=True, help="per-epoch losses (CSV)")
+    parser.add_argument("--corpus", type=Path, required=True, help="corpus.json of `vectorize` (MLflow dataset)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     data, seqs, config, mlflow_config = load_params(args.params, "data", "sequences", "train", "mlflow")
@@ -24,8 +26,12 @@ def main():
     check_server()
     from charrnn.train import train  # TensorFlow takes ~10 s to load: params and server first
 
+    if not args.corpus.is_file():
+        raise UserError(f"{args.corpus} not found (written by `vectorize` since this version); "
+                        "rerun `dvc repro vectorize`")
+    corpus = json.loads(args.corpus.read_text(encoding="utf-8"))
     final = train(config, args.sequences, args.vocabulary, args.model, args.checkpoints, args.history,
-                  mlflow_config.experiment, params)
+                  mlflow_config.experiment, params, args.params, corpus)
     if final is None:
         print("worker done (the chief writes the model and the MLflow run)")
         return

@@ -41,14 +41,16 @@ def test_pipeline_end_to_end(project):
         assert (project / path).is_file(), path
     assert list((project / "checkpoints/train").iterdir()) == []  # emptied after a finished training
     history = (project / "metrics/history.csv").read_text().splitlines()
-    assert history[0] == "epoch,loss,val_loss" and len(history) == 3
+    assert history[0] == "epoch,chars,loss,val_loss" and len(history) == 3
+    assert [int(row.split(",")[1]) for row in history[1:]] == [12 * 16 * 32, 24 * 16 * 32]  # steps x batch x length
     metrics = yaml.safe_load((project / "metrics/evaluate.json").read_text())
-    assert metrics["val_bpc"] == pytest.approx(metrics["val_loss"] / 0.6931471805599453)
+    assert metrics["eval_val_bpc"] == pytest.approx(metrics["eval_val_loss"] / 0.6931471805599453)
+    assert metrics["eval_val_perplexity"] == pytest.approx(2.718281828459045 ** metrics["eval_val_loss"])
     assert "ROMEO: " in (project / "samples/samples.txt").read_text()
 
     # Nothing changed: nothing runs.
     assert stages_run(dvc(project, "repro").stdout) == []
-    assert "val_loss" in dvc(project, "metrics", "show").stdout
+    assert "eval_val_loss" in dvc(project, "metrics", "show").stdout
 
     runs = training_runs(project)
     assert len(runs) == 1
@@ -57,10 +59,18 @@ def test_pipeline_end_to_end(project):
     assert run_.data.params["train.rnn_units"] == "32" and run_.data.params["data.val_fraction"] == "0.1"
     assert "git.commit" in run_.data.tags and "charrnn.model_sha256" in run_.data.tags
     client = mlflow.MlflowClient()
-    for name in ("loss", "val_loss"):
-        steps = [m.step for m in client.get_metric_history(run_.info.run_id, name)]
-        assert sorted(set(steps)) == [1, 2]
-    assert run_.data.metrics["val_bpc"] == pytest.approx(metrics["val_bpc"])
+    chars_per_step = 16 * 32  # TINY_PARAMS: batch 16 x seq_length 32
+    val_steps = [m.step for m in client.get_metric_history(run_.info.run_id, "val_loss")]
+    assert val_steps == [12 * chars_per_step, 24 * chars_per_step]  # every epoch end, in characters trained
+    # train.log_every_steps (params.yaml) steps apart, on the same axis
+    every = yaml.safe_load((project / "params.yaml").read_text())["train"]["log_every_steps"]
+    loss_steps = [m.step for m in client.get_metric_history(run_.info.run_id, "loss")]
+    assert loss_steps == [s * chars_per_step for s in range(every, 25, every)]
+    for name in ("learning_rate", "tokens_per_second"):
+        assert [m.step for m in client.get_metric_history(run_.info.run_id, name)] == loss_steps
+    eval_points = client.get_metric_history(run_.info.run_id, "eval_val_loss")
+    assert [(m.step, m.value) for m in eval_points] == [(24 * chars_per_step, pytest.approx(metrics["eval_val_loss"]))]
+    assert "val_bpc" not in run_.data.metrics  # evaluate's whole-split figures have names of their own
     artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
     assert {"model_summary.txt", "vocabulary.json", "history.csv", "samples"} <= artifacts
     summary = client.download_artifacts(run_.info.run_id, "model_summary.txt")
@@ -74,7 +84,10 @@ def test_pipeline_end_to_end(project):
     runs = training_runs(project)
     assert len(runs) == 1
     samples = {a.path for a in client.list_artifacts(runs[0].info.run_id, "samples")}
-    assert len(samples) == 2
+    assert samples == {"samples/epoch_001.txt", "samples/epoch_002.txt",
+                       "samples/t1_k0_n1_len80_seed7.txt", "samples/t0.5_k0_n1_len80_seed7.txt"}
+    # The same model scored again: no second eval_val_loss point.
+    assert len(client.get_metric_history(run_.info.run_id, "eval_val_loss")) == 1
 
     # A model change reruns train and evaluate only, as a second training run.
     set_param(project, "train", "rnn_units", 16)

@@ -138,13 +138,14 @@ def test_a_checkpoint_resumes_under_another_strategy_but_not_other_params():
     from dataclasses import replace
 
     from charrnn.config import TrainConfig
-    from charrnn.train import resume_key
+    from charrnn.checkpoints import resume_key
 
     manifest = {"seq_length": 100, "splits": {}}
     base = TrainConfig()
     key = resume_key(base, manifest)
     assert resume_key(replace(base, strategy="multi_worker"), manifest) == key
     assert resume_key(replace(base, epochs=base.epochs + 5), manifest) == key
+    assert resume_key(replace(base, log_every_steps=1), manifest) == key
     assert resume_key(replace(base, learning_rate=0.002), manifest) != key
     assert resume_key(base, {**manifest, "seq_length": 50}) != key
     # A decaying learning rate is laid out over all the epochs: more epochs, another schedule.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ class TrainConfig:
     shuffle_buffer: int = _field(10_000, POSITIVE)
     deterministic: bool = True
     jit_compile: bool = False
+    log_every_steps: int = _field(10, POSITIVE)
     seed: int = _field(42, NON_NEGATIVE)
 
 
@@ -100,21 +102,42 @@ SECTIONS: dict[str, type] = {
 # ---- validation --------------------------------------------------------------------------
 
 
-def _type_ok(value, annotation) -> bool:
-    """Check a YAML value against a dataclass annotation (int, float, str, bool, X | None)."""
+# YAML 1.1 (PyYAML) reads ``3e-3`` as a string: it wants a dot (``3.0e-3``). People write
+# learning rates the first way, and DVC's ``-S`` writes them the second, so both are numbers here.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _as_number(value):
+    """``value`` as an int or float where it is one (or a string spelling one), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+    return None
+
+
+def _coerce(value, annotation):
+    """The value as the annotation's type, or raise ValueError naming what it must be."""
     options = typing.get_args(annotation) if typing.get_origin(annotation) else (annotation,)
     for option in options:
         if option is type(None) and value is None:
-            return True
+            return None
         if option is bool and isinstance(value, bool):
-            return True
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return math.isfinite(value)
+            return value
         if option is str and isinstance(value, str):
-            return True
-    return False
+            return value
+    number = _as_number(value)
+    if number is not None:
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError("a finite number")
+        if float in options:
+            return float(number)
+        if int in options and float(number).is_integer():
+            return int(number)
+    raise ValueError(_type_name(annotation))
 
 
 def _type_name(annotation) -> str:
@@ -142,14 +165,14 @@ def parse_section(name: str, raw) -> typing.Any:
     values = {}
     for key, value in raw.items():
         annotation = hints[key]
-        if not _type_ok(value, annotation):
-            raise UserError(
-                f"params.yaml: '{name}.{key}' must be {_type_name(annotation)}, got {value!r}"
-            )
+        try:
+            value = _coerce(value, annotation)
+        except ValueError as err:
+            raise UserError(f"params.yaml: '{name}.{key}' must be {err}, got {raw[key]!r}") from None
         rule = known[key].metadata.get("rule")
         if rule and value is not None and not rule["check"](value):
-            raise UserError(f"params.yaml: '{name}.{key}' {rule['rule']}, got {value!r}")
-        values[key] = float(value) if annotation is float else value
+            raise UserError(f"params.yaml: '{name}.{key}' {rule['rule']}, got {raw[key]!r}")
+        values[key] = value
     return cls(**values)
 
 

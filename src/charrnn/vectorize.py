@@ -9,7 +9,9 @@ overlaps training.
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,9 @@ from charrnn.vocabulary import VOCABULARY_FILE, Vocabulary
 CHUNK_CHARS = 1 << 22  # 4 Mi characters per read: bounded memory, few Python round trips
 TRAIN_IDS = "train.npy"
 VAL_IDS = "val.npy"
+CORPUS_FILE = "corpus.json"  # what the corpus was: source, SHA-256, size (MLflow's dataset input)
+TEXT_CONTROLS = set("\t\n\v\f\r")
+MAX_CONTROL_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,24 @@ def scan(path, text, description) -> tuple[collections.Counter, int]:
     return counts, sum(counts.values())
 
 
+def check_is_text(counts: collections.Counter, total: int, description: str) -> None:
+    """Refuse UTF-8 that is not text: NULs (UTF-16/32 read as UTF-8, every other byte 0) or a
+    corpus made of control characters (binary data that happens to decode)."""
+    nul = counts.get("\0", 0)
+    if nul:
+        raise UserError(
+            f"corpus {description} is not text: {nul:,} of {total:,} characters are NUL (U+0000), as in "
+            "UTF-16/UTF-32 text or binary data; convert it with `iconv -f UTF-16LE -t UTF-8` (or the "
+            "encoding it has)"
+        )
+    controls = sum(n for c, n in counts.items() if c not in TEXT_CONTROLS and unicodedata.category(c) == "Cc")
+    if controls > MAX_CONTROL_SHARE * total:
+        raise UserError(
+            f"corpus {description} is not text: {controls / total:.0%} of its characters are control "
+            "characters (binary data?); point data.source at a plain-text file"
+        )
+
+
 def vectorize(config: DataConfig, out_dir: Path, cache_dir: Path) -> VectorizeResult:
     """Build ``vocabulary.json``, ``train.npy`` and ``val.npy`` (uint16 ids) in ``out_dir``."""
     description, path, text = corpus.open_corpus(config.source, config.sha256, cache_dir)
@@ -76,6 +99,7 @@ def vectorize(config: DataConfig, out_dir: Path, cache_dir: Path) -> VectorizeRe
             f"corpus {description} has a single distinct character ({next(iter(counts))!r}); "
             "a language model needs at least two"
         )
+    check_is_text(counts, total, description)
     vocabulary = Vocabulary.from_counts(counts)
     if len(vocabulary) > np.iinfo(np.uint16).max:
         raise UserError(f"corpus {description} has {len(vocabulary)} distinct characters (max 65535)")
@@ -91,6 +115,11 @@ def vectorize(config: DataConfig, out_dir: Path, cache_dir: Path) -> VectorizeRe
     sorted_codepoints = np.array([ord(c) for c in vocabulary.chars], dtype=np.uint32)
     with files.atomic_dir(out_dir) as tmp:
         vocabulary.save(tmp / VOCABULARY_FILE)
+        sha256 = files.sha256_file(path) if path is not None else hashlib.sha256(text.encode("utf-8")).hexdigest()
+        files.write_json(tmp / CORPUS_FILE, {
+            "source": config.source, "description": description, "sha256": sha256,
+            "characters": total, "vocab_size": len(vocabulary),
+        })
         train = np.lib.format.open_memmap(tmp / TRAIN_IDS, mode="w+", dtype=np.uint16, shape=(train_chars,))
         val = np.lib.format.open_memmap(tmp / VAL_IDS, mode="w+", dtype=np.uint16, shape=(val_chars,))
         position = 0

@@ -1,0 +1,55 @@
+"""Batch streams over the TFRecord shards: the endless, resumable training stream and the val split.
+
+Where a training batch sits in the stream depends only on its index (pass p over the data is
+shuffled with the seed (seed, p)), so a run resumed at batch b sees the same batches from there
+on as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from charrnn import sequences
+from charrnn.config import TrainConfig
+
+
+def training_dataset(shards, seq_length: int, config: TrainConfig, start_batch: int) -> tf.data.Dataset:
+    """An endless stream of training batches, starting at batch ``start_batch`` of the stream.
+
+    The stream is pass after pass over the shards, pass p shuffled with the seed (seed, p); an
+    epoch is the next ``steps_per_epoch`` batches of it (a full pass by default). ``shards`` is a
+    list of (path, windows).
+    """
+    batch_size = config.batch_size
+    batches_per_pass = sum(n for _, n in shards) // batch_size
+    windows = sequences.windows_dataset([p for p, _ in shards], seq_length)
+
+    def one_pass(index):
+        return windows.shuffle(
+            config.shuffle_buffer, seed=config.seed * 1_000_003 + index, reshuffle_each_iteration=False
+        ).batch(batch_size, drop_remainder=True)
+
+    first_pass, offset = divmod(start_batch, batches_per_pass)
+    return (
+        tf.data.Dataset.range(first_pass, 1 << 62)
+        .flat_map(one_pass)
+        .skip(offset)
+        .map(sequences.split_window, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def steps_per_epoch(config: TrainConfig, manifest: dict) -> int:
+    return config.steps_per_epoch or manifest["splits"]["train"]["windows"] // config.batch_size
+
+
+def validation_dataset(paths, seq_length: int, batch_size: int, windows: int) -> tf.data.Dataset:
+    """Every validation window once, in order (the last batch may be smaller)."""
+    return (
+        sequences.windows_dataset(list(paths), seq_length)
+        .apply(tf.data.experimental.assert_cardinality(windows))  # lets Keras show the total
+        .batch(batch_size)
+        .map(sequences.split_window)
+        .cache()
+        .prefetch(tf.data.AUTOTUNE)
+    )

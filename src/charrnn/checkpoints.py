@@ -1,0 +1,113 @@
+"""The resumable training state in the checkpoint folder, and the protocol that keeps it consistent.
+
+The folder holds ``state.json`` and the one model file it names (``epoch-NNNN.keras``: weights and
+optimizer after epoch N). An epoch is committed in three steps: write the new model file under its
+own name (atomically), replace ``state.json`` (atomically) to name it, delete the older file. A kill
+at any instant leaves a ``state.json`` whose model file is complete and belongs to the same epoch,
+so a resume always restarts from a consistent (weights, optimizer, epoch) triple; leftovers of an
+interrupted commit are removed on the next one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import keras
+
+from charrnn import files, model as model_lib
+from charrnn.config import TrainConfig
+from charrnn.faults import crash_point
+
+STATE_FILE = "state.json"
+
+# Params that only say how a run is executed or recorded, not what it computes: a checkpoint is
+# resumed whatever their value, and the MLflow run records their latest value.
+RESUMABLE = ("epochs", "strategy", "log_every_steps")
+
+
+def resume_key(config: TrainConfig, manifest: dict) -> str:
+    """What a checkpoint must match to be resumed: every train param but those in ``RESUMABLE``
+    (``epochs`` only while the learning rate is constant: a decay is laid out over all epochs),
+    and the data. The strategy only says where the same global batch is computed, so a run
+    started on two workers can finish on one machine.
+    """
+    params = dataclasses.asdict(config)
+    for name in RESUMABLE:
+        if name != "epochs" or config.lr_decay_fraction == 0:
+            params.pop(name)
+    blob = json.dumps({"train": params, "data": manifest}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def model_file(epoch: int) -> str:
+    return f"epoch-{epoch:04d}.keras"
+
+
+class Checkpoints:
+    """The checkpoint folder (a DVC output with ``persist: true``)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def load(self, key: str, max_epoch: int) -> tuple[dict, keras.Model] | None:
+        """The state and the model to resume, or None when there is nothing consistent to resume."""
+        path = self.folder / STATE_FILE
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(state, dict) or state.get("key") != key or not state.get("model_file"):
+            return None
+        if not 0 < state.get("epoch", 0) <= max_epoch or len(state.get("history", ())) != state["epoch"]:
+            return None
+        model_path = self.folder / state["model_file"]
+        if not model_path.is_file():
+            return None
+        return state, model_lib.load_keras(model_path, compile=True)
+
+    def save(self, model: keras.Model, state: dict) -> None:
+        """Commit epoch ``state["epoch"]``: the new model file, then the state naming it, then cleanup."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = model_file(state["epoch"])
+        model_lib.save_keras(model, self.folder / name)
+        crash_point("checkpoint-model-written")
+        files.write_json(self.folder / STATE_FILE, {**state, "model_file": name})
+        crash_point("checkpoint-state-written")
+        self._remove_all_but({STATE_FILE, name})
+
+    def clear(self) -> None:
+        """Empty the folder but keep it: DVC tracks it as a persistent output."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._remove_all_but(set())
+
+    def _remove_all_but(self, keep: set[str]) -> None:
+        for entry in self.folder.iterdir():
+            if entry.name not in keep:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Commit the training state after every epoch (see the module docstring).
+
+    Keras' BackupAndRestore writes weights and metadata as two non-atomic files and forgets the
+    history; a kill between the two would resume from the wrong epoch.
+    """
+
+    def __init__(self, checkpoints: Checkpoints, state: dict, chars_per_step: int):
+        super().__init__()
+        self.checkpoints = checkpoints
+        self.state = state
+        self.chars_per_step = chars_per_step
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.state["history"].append({
+            "epoch": epoch + 1, "chars": int(self.model.optimizer.iterations) * self.chars_per_step,
+            "loss": float(logs["loss"]), "val_loss": float(logs["val_loss"]),
+        })
+        self.state["epoch"] = epoch + 1
+        self.checkpoints.save(self.model, self.state)
