@@ -5,6 +5,7 @@ from pathlib import Path
 
 from charrnn.config import load_params
 from charrnn.errors import exit_on_user_error
+from charrnn.quiet import importing_tensorflow, quiet_python_logs
 from charrnn.tracking import check_server
 
 
@@ -19,7 +20,9 @@ def main():
     args = parser.parse_args()
     sample, mlflow_config = load_params(args.params, "sample", "mlflow")
     check_server()
-    from charrnn.evaluate import evaluate  # TensorFlow takes ~10 s to load: params and server first
+    with importing_tensorflow():  # TensorFlow takes ~10 s to load: params and server first
+        from charrnn.evaluate import evaluate
+    quiet_python_logs()
 
     evaluate(args.model, args.sequences, sample, mlflow_config.experiment, args.metrics, args.samples)
 

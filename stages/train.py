@@ -6,6 +6,7 @@ from pathlib import Path
 
 from charrnn.config import as_flat_dict, load_params
 from charrnn.errors import UserError, exit_on_user_error
+from charrnn.quiet import importing_tensorflow, quiet_python_logs
 from charrnn.tracking import check_server
 
 
@@ -23,15 +24,16 @@ def main():
     data, seqs, config, mlflow_config = load_params(args.params, "data", "sequences", "train", "mlflow")
     params = {**as_flat_dict("data", data), **as_flat_dict("sequences", seqs),
               **as_flat_dict("train", config), **as_flat_dict("mlflow", mlflow_config)}
-    check_server()
-    from charrnn.train import train  # TensorFlow takes ~10 s to load: params and server first
-
     if not args.corpus.is_file():
         raise UserError(f"{args.corpus} not found (written by `vectorize` since this version); "
                         "rerun `dvc repro vectorize`")
     corpus = json.loads(args.corpus.read_text(encoding="utf-8"))
+    check_server()
+    with importing_tensorflow():  # TensorFlow takes ~10 s to load: params and server first
+        from charrnn.train import train
+    quiet_python_logs()
     final = train(config, args.sequences, args.vocabulary, args.model, args.checkpoints, args.history,
-                  mlflow_config.experiment, params, args.params, corpus)
+                  mlflow_config.experiment, params, args.params, corpus, mlflow_config.registered_model)
     if final is None:
         print("worker done (the chief writes the model and the MLflow run)")
         return

@@ -220,6 +220,12 @@ PARAMS_CASES = [
     param_case("train", "deterministic", "yes", "train", "sequences",
                expect=("'train.deterministic' must be true or false",)),
     param_case("train", "lr_decay_fraction", 1.5, "train", "sequences"),
+    param_case("train", "learning_rate", float("inf"), "train", "sequences",
+               expect=("'train.learning_rate' must be a finite number", "got inf")),
+    param_case("train", "clipnorm", float("nan"), "train", "sequences",
+               expect=("'train.clipnorm' must be a finite number", "got nan")),
+    param_case("train", "learning_rate", "3e-3x", "train", "sequences",
+               expect=("'train.learning_rate' must be a number", "got '3e-3x'")),
     param_case("sequences", "shard_size_mb", 0, "sequences", "vectorized"),
     param_case("sample", "temperature", -1, "evaluate", "model"),
     param_case("sample", "length", 0, "evaluate", "model"),
@@ -266,8 +272,72 @@ MLFLOW_CASES = cases(
          base="model", env=CLOSED_SERVER, max_seconds=30),
 )
 
+TEXT = small_text(3000)
+ENCODING_CASES = cases(  # bytes that decode as UTF-8 but are not text
+    Case("utf16-le-without-bom", "vectorize", ("is not text", "NUL", "iconv"),
+         prepare=write_corpus(TEXT.encode("utf-16-le"))),
+    Case("utf16-be-without-bom", "vectorize", ("is not text", "NUL"), prepare=write_corpus(TEXT.encode("utf-16-be"))),
+    Case("utf32-le", "vectorize", ("is not text", "NUL"), prepare=write_corpus(TEXT.encode("utf-32-le"))),
+    Case("text-padded-with-nul", "vectorize", ("is not text", "1,000 of"),
+         prepare=write_corpus(TEXT.encode() + b"\0" * 1000)),
+    Case("control-characters", "vectorize", ("is not text", "control characters"),
+         prepare=write_corpus(bytes(range(1, 32)) * 300 + TEXT.encode())),
+)
+
+
+def bad_tracking_uri(uri: str):
+    return (("MLFLOW_TRACKING_URI", uri),)
+
+
+ENVIRONMENT_CASES = cases(  # an MLFLOW_TRACKING_URI that MLflow cannot use
+    Case("tracking-uri-unknown-scheme", "train", ("MLflow store foo://nowhere cannot be used", "MLFLOW_TRACKING_URI"),
+         base="sequences", env=bad_tracking_uri("foo://nowhere")),
+    Case("tracking-uri-database-unreachable", "train",
+         ("MLflow store postgresql://nobody@127.0.0.1:@CLOSED@/mlflow cannot be used", "MLFLOW_TRACKING_URI"),
+         base="sequences", env=bad_tracking_uri("postgresql://nobody@127.0.0.1:@CLOSED@/mlflow")),
+    Case("tracking-uri-not-an-mlflow-server", "train", ("@SERVER@", "is not an MLflow tracking server"),
+         base="sequences", env=bad_tracking_uri("@SERVER@"), max_seconds=30),
+    Case("tracking-uri-sqlite-folder-missing", "train", ("/no/such/folder", "does not exist", "MLFLOW_TRACKING_URI"),
+         base="sequences", env=bad_tracking_uri("sqlite:////no/such/folder/mlflow.db"), max_seconds=30),
+    Case("evaluate-tracking-uri-unknown-scheme", "evaluate", ("MLflow store foo://nowhere cannot be used",),
+         base="model", env=bad_tracking_uri("foo://nowhere")),
+)
+
+
+def damage_store(data: bytes | None):
+    def prepare(project: Path) -> None:
+        store = project / "mlflow.db"
+        store.unlink(missing_ok=True)
+        if data is None:
+            store.mkdir()
+        else:
+            store.write_bytes(data)
+
+    return prepare
+
+
+def delete_experiment(project: Path) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    client.delete_experiment(client.create_experiment("tests"))
+
+
+STORE_CASES = cases(  # the default store, mlflow.db, damaged or replaced
+    Case("mlflow-db-not-a-database", "train", ("mlflow.db is not an SQLite database", "mv mlflow.db"),
+         base="sequences", prepare=damage_store(b"these are not the runs you are looking for\n" * 50), max_seconds=30),
+    Case("mlflow-db-is-a-folder", "train", ("mlflow.db is a folder",), base="sequences", prepare=damage_store(None)),
+    Case("mlflow-db-corrupt-pages", "train", ("mlflow.db cannot be used", "mv mlflow.db"),
+         base="sequences", prepare=damage_store(b"SQLite format 3\0" + b"\xa5" * 8192)),
+    Case("evaluate-mlflow-db-not-a-database", "evaluate", ("mlflow.db is not an SQLite database",),
+         base="model", prepare=damage_store(b"plain text\n" * 50)),
+    Case("mlflow-experiment-deleted", "train", ("experiment 'tests'", "is deleted", "mlflow experiments restore"),
+         base="sequences", prepare=delete_experiment),
+)
+
 ALL_CASES = [p.values[0] for p in
-             CORPUS_CASES + DOWNLOAD_CASES + PARAMS_CASES + TFRECORD_CASES + GENERATE_CASES + MLFLOW_CASES]
+             CORPUS_CASES + DOWNLOAD_CASES + PARAMS_CASES + TFRECORD_CASES + GENERATE_CASES + MLFLOW_CASES
+             + ENCODING_CASES + ENVIRONMENT_CASES + STORE_CASES]
 assert len({c.id for c in ALL_CASES}) == len(ALL_CASES), "case ids must be unique"
 
 
@@ -427,7 +497,9 @@ def check_clean_failure(outcomes, case: Case) -> Outcome:
     if case.command == "train":
         checkpoints = project / PATHS["checkpoints"]
         left = sorted(p.name for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
-        assert not left, f"{case.id} left a checkpoint: {left}"
+        assert not [name for name in left if name != "state.json"], f"{case.id} left a checkpoint: {left}"
+        if left:
+            assert "model_file" not in json.loads((checkpoints / "state.json").read_text()), case.id
     if case.command == "generate":
         assert result.stdout.strip() == "", f"{case.id} printed text: {result.stdout[:200]!r}"
     return outcome
@@ -463,4 +535,19 @@ def test_bad_generate(outcomes, case):
 
 @pytest.mark.parametrize("case", MLFLOW_CASES)
 def test_tracking_server_down(outcomes, case):
+    check_clean_failure(outcomes, case)
+
+
+@pytest.mark.parametrize("case", ENCODING_CASES)
+def test_corpus_that_is_not_text(outcomes, case):
+    check_clean_failure(outcomes, case)
+
+
+@pytest.mark.parametrize("case", ENVIRONMENT_CASES)
+def test_unusable_tracking_uri(outcomes, case):
+    check_clean_failure(outcomes, case)
+
+
+@pytest.mark.parametrize("case", STORE_CASES)
+def test_damaged_store(outcomes, case):
     check_clean_failure(outcomes, case)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 
 import mlflow
 import pytest
@@ -32,6 +39,58 @@ def training_runs(project):
                               order_by=["attributes.start_time ASC"])
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_registered_model(project, run_):
+    """One registered version per training, tagged; it turns a prime into text through pyfunc, the
+    CLI and `mlflow models serve`, with the same generator as the model folder."""
+    client = mlflow.MlflowClient()
+    (version,) = client.search_model_versions("name = 'charrnn'")
+    assert version.run_id == run_.info.run_id
+    assert float(version.tags["val_loss"]) == pytest.approx(run_.data.metrics["val_loss"], abs=1e-6)
+    assert float(version.tags["eval_val_loss"]) == pytest.approx(run_.data.metrics["eval_val_loss"], abs=1e-6)
+    uri = f"models:/charrnn/{version.version}"
+    texts = mlflow.pyfunc.load_model(uri).predict(["ROMEO: ", "MORE: "], params={"length": 40, "seed": 3})
+    assert texts[0].startswith("ROMEO: ") and texts[1].startswith("MORE: ") and [len(t) for t in texts] == [47, 46]
+
+    cli = [str(BIN / "charrnn"), "generate", "--length", "40", "--seed", "3", "--model"]
+    from_folder = run(cli + ["models/char_rnn"], project).stdout
+    assert from_folder == texts[0] + "\n"  # the same compiled generator, the same seed
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    assert run(cli + [uri], project, env=env).stdout == from_folder
+    assert run(cli + [f"runs:/{run_.info.run_id}/model"], project, env=env).stdout == from_folder
+    missing = run(cli + ["models:/charrnn/99"], project, env=env, check=False)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: cannot fetch models:/charrnn/99")
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local", "--host", "127.0.0.1",
+         "--port", str(port)], cwd=project, env={**os.environ, **env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow models serve did not start"
+                time.sleep(1)
+        body = json.dumps({"inputs": ["ROMEO: "], "params": {"length": 40, "seed": 3}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert json.load(response)["predictions"] == [texts[0]]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 def test_pipeline_end_to_end(project):
     first = dvc(project, "repro")
     assert stages_run(first.stdout) == ["vectorize", "sequences", "train", "evaluate"]
@@ -39,7 +98,8 @@ def test_pipeline_end_to_end(project):
                  "models/char_rnn/vocabulary.json", "models/char_rnn/model_summary.txt", "metrics/history.csv",
                  "metrics/evaluate.json", "samples/samples.txt"):
         assert (project / path).is_file(), path
-    assert list((project / "checkpoints/train").iterdir()) == []  # emptied after a finished training
+    idle = [p.name for p in (project / "checkpoints/train").iterdir()]  # nothing to resume after a finished training
+    assert idle == ["state.json"] and "model_file" not in yaml.safe_load((project / "checkpoints/train/state.json").read_text())
     history = (project / "metrics/history.csv").read_text().splitlines()
     assert history[0] == "epoch,chars,loss,val_loss" and len(history) == 3
     assert [int(row.split(",")[1]) for row in history[1:]] == [12 * 16 * 32, 24 * 16 * 32]  # steps x batch x length
@@ -75,8 +135,9 @@ def test_pipeline_end_to_end(project):
     assert {"model_summary.txt", "vocabulary.json", "history.csv", "samples"} <= artifacts
     summary = client.download_artifacts(run_.info.run_id, "model_summary.txt")
     assert "Total params" in open(summary).read()
-    logged = mlflow.keras.load_model(f"runs:/{run_.info.run_id}/model")
+    logged = mlflow.keras.load_model(f"runs:/{run_.info.run_id}/keras_model")
     assert logged.count_params() == int(run_.data.params["model.parameters"])
+    check_registered_model(project, run_)
 
     # A sampling change reruns only evaluate, into the same run, keeping the earlier samples.
     set_param(project, "sample", "temperature", 0.5)

@@ -128,7 +128,8 @@ def test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(t
     assert f"resuming from epoch {state['epoch']}" in resumed.stdout + resumed.stderr
     for path in RESULTS:
         assert (project / path).read_bytes() == (reference / path).read_bytes(), path
-    assert list(checkpoint.iterdir()) == []
+    assert [p.name for p in checkpoint.iterdir()] == ["state.json"]  # idle: nothing left to resume
+    assert "model_file" not in json.loads((checkpoint / "state.json").read_text())
     (finished,) = _runs(project)  # continued, not duplicated
     assert finished.info.run_id == stuck.info.run_id and finished.info.status == "FINISHED"
     client = mlflow.MlflowClient()

@@ -43,6 +43,9 @@ def resume_key(config: TrainConfig, manifest: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+IDLE_STATE = {"epoch": 0, "note": "no training in progress: the next run starts from scratch"}
+
+
 def model_file(epoch: int) -> str:
     return f"epoch-{epoch:04d}.keras"
 
@@ -80,9 +83,10 @@ class Checkpoints:
         self._remove_all_but({STATE_FILE, name})
 
     def clear(self) -> None:
-        """Empty the folder but keep it: DVC tracks it as a persistent output."""
+        """Leave only an idle ``state.json`` (nothing to resume; DVC warns about an empty output)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._remove_all_but(set())
+        self._remove_all_but({STATE_FILE})
+        files.write_json(self.folder / STATE_FILE, IDLE_STATE)
 
     def _remove_all_but(self, keep: set[str]) -> None:
         for entry in self.folder.iterdir():

@@ -12,7 +12,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="charrnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="sample text from a trained model")
-    gen.add_argument("--model", default="models/char_rnn", help="model folder written by the train stage")
+    gen.add_argument("--model", default="models/char_rnn",
+                     help="model folder written by the train stage, or an MLflow model: models:/charrnn/<version>, "
+                          "runs:/<run id>/model")
     gen.add_argument("--prime", default="ROMEO: ", help="text the samples start with")
     gen.add_argument("--length", type=int, default=1000, help="characters to generate after the prime")
     gen.add_argument("--temperature", type=float, default=1.0,
@@ -29,10 +31,24 @@ def generate(args) -> None:
     options = SamplingOptions(args.length, args.temperature, args.top_k, args.num_samples, args.seed)
     options.check()  # before TensorFlow and the model load
 
-    from charrnn.generate import Generator
-    from charrnn.model import load_model_dir
+    from charrnn.quiet import importing_tensorflow, quiet_python_logs
 
-    model, vocabulary = load_model_dir(args.model)
+    quiet_python_logs()
+    with importing_tensorflow():
+        from charrnn.generate import Generator
+        from charrnn.model import load_model_dir
+
+    model_dir = args.model
+    if args.model.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        from charrnn import tracking
+        from charrnn.serving import download_model_dir
+
+        tracking.check_server()
+        mlflow.set_tracking_uri(tracking.tracking_uri())
+        model_dir = download_model_dir(args.model)
+    model, vocabulary = load_model_dir(model_dir)
     options.check(len(vocabulary))
     vocabulary.encode(args.prime)
     generator = Generator(model, vocabulary)

@@ -88,6 +88,7 @@ class SampleConfig:
 @dataclass(frozen=True)
 class MlflowConfig:
     experiment: str = "charrnn"
+    registered_model: str = _field("charrnn", _rule(lambda v: bool(v.strip()), "must not be empty"))
 
 
 SECTIONS: dict[str, type] = {

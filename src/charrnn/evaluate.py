@@ -69,6 +69,9 @@ def evaluate(model_dir: Path, sequences_dir: Path, sample: SampleConfig, experim
             step = max(tracking.logged_steps(run_id, "val_loss"), default=0)
             if step not in tracking.logged_steps(run_id, "eval_val_loss"):
                 mlflow.log_metrics(metrics, step=step)
+            client = mlflow.MlflowClient()
+            for version in client.search_model_versions(f"run_id = '{run_id}'"):
+                client.set_model_version_tag(version.name, version.version, "eval_val_loss", f"{val_loss:.6f}")
             mlflow.log_text(text, f"samples/{sample_name(sample)}.txt")
         except BaseException as err:
             mlflow.set_tag("charrnn.error", f"{type(err).__name__}: {err}"[:5000])

@@ -43,8 +43,8 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
-def _fix_hint() -> str:
-    if "MLFLOW_TRACKING_URI" in os.environ:
+def _fix_hint(from_env: bool | None = None) -> str:
+    if "MLFLOW_TRACKING_URI" in os.environ if from_env is None else from_env:
         return "fix or unset MLFLOW_TRACKING_URI"
     return "move the file aside (`mv mlflow.db mlflow.db.bad`) and rerun; a new store is created"
 
@@ -100,13 +100,14 @@ def setup(experiment_name: str) -> str:
     import mlflow
 
     uri = tracking_uri()
+    from_env = "MLFLOW_TRACKING_URI" in os.environ  # before MLflow sets it itself
     check_server()
     try:
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.get_experiment_by_name(experiment_name)
         if experiment is None:
             artifact_location = None
-            if "MLFLOW_TRACKING_URI" not in os.environ:
+            if not from_env:
                 # Absolute, so artifacts land in the real repository even from a temp experiment copy.
                 artifact_location = (repo_root() / "mlruns").as_uri()
             experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location)
@@ -132,7 +133,7 @@ def setup(experiment_name: str) -> str:
     except Exception as err:  # the store's own failure (driver missing, not a database, bad scheme...)
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise UserError(f"MLflow store {uri} cannot be used ({type(err).__name__}: {first[:200]}); "
-                        f"{_fix_hint()}") from None
+                        f"{_fix_hint(from_env)}") from None
 
 
 # ---- what a run is and where it came from ---------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from pathlib import Path
 
 import keras
@@ -127,6 +128,7 @@ def train(
     params: dict,
     params_file: Path = Path("params.yaml"),
     corpus: dict | None = None,
+    registered_model: str = "charrnn",
 ) -> dict | None:
     """Train (or resume), save the model folder and history, and log the run.
 
@@ -230,7 +232,7 @@ def train(
         files.write_text(history_path, history_csv(history))
         mlflow.set_tag(tracking.MODEL_HASH_TAG, files.sha256_file(Path(model_dir) / model_lib.MODEL_FILE))
         mlflow.log_artifact(str(history_path))
-        log_keras_model(model, len(vocabulary))
+        log_models(model, len(vocabulary), Path(model_dir), registered_model, final)
         crash_point("final-model-logged")
         # Resumable params (a resume may have raised train.epochs) are logged once, with their final value.
         mlflow.log_params({f"train.{name}": params[f"train.{name}"] for name in RESUMABLE})
@@ -243,19 +245,25 @@ def train(
     return final
 
 
-def log_keras_model(model: keras.Model, vocab_size: int) -> None:
-    """Log with MLflow's Keras flavor; the signature leaves batch and length free (-1, -1)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+def log_models(model: keras.Model, vocab_size: int, model_dir: Path, registered_name: str, final: dict) -> None:
+    """Log the Keras flavor (``keras_model``: ids -> logits) and the text generator (``model``:
+    prime -> text), and register the latter as a new version of ``registered_name``, tagged with
+    the run's validation loss and DVC experiment. A run resumed after a kill in here registers once."""
+    from charrnn import serving
 
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype("int32"), (-1, -1), "ids")]),
-        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, vocab_size), "logits")]),
-    )
-    mlflow.keras.log_model(
-        model,
-        name="model",
-        signature=signature,
-        # Pinning requirements skips MLflow's slow inference (it reloads the model in a subprocess).
-        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
-    )
+    run = mlflow.active_run()
+    client = mlflow.MlflowClient()
+    if client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+        return  # logged and registered before the kill
+    # Pinning requirements skips MLflow's slow inference (it reloads the model in a subprocess).
+    requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", f"mlflow=={mlflow.__version__}"]
+    mlflow.keras.log_model(model, name="keras_model", signature=serving.keras_signature(vocab_size),
+                           pip_requirements=requirements[:2])
+    info = serving.log_text_generator(model_dir, registered_name, requirements)
+    version = info.registered_model_version
+    tags = {"val_loss": f"{final['val_loss']:.6f}", "run_name": run.info.run_name,
+            "dvc.exp_name": os.environ.get("DVC_EXP_NAME", "")}
+    for key, value in tags.items():
+        if value:
+            client.set_model_version_tag(registered_name, version, key, value)
+    print(f"registered model version: models:/{registered_name}/{version}", flush=True)

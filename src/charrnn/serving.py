@@ -1,0 +1,103 @@
+"""The registered MLflow model: a prime in, generated text out, without this package's CLI.
+
+Logged as an MLflow "model from code" (this file is the model's code; nothing is pickled) with the
+trained model folder (``model.keras`` + ``vocabulary.json``) as its artifact, so
+
+    mlflow.pyfunc.load_model("models:/charrnn/3").predict(["ROMEO: "], params={"length": 200})
+
+and ``mlflow models serve -m models:/charrnn/3 --env-manager local`` (POST /invocations with
+``{"inputs": ["ROMEO: "], "params": {"length": 200}}``) generate with the same compiled generator
+as ``charrnn generate``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+MODEL_DIR_ARTIFACT = "model_dir"
+DEFAULTS = {"length": 200, "temperature": 1.0, "top_k": 0, "seed": 0}
+PARAM_TYPES = {"length": "long", "temperature": "double", "top_k": "long", "seed": "long"}
+
+
+class TextGenerator(mlflow.pyfunc.PythonModel):
+    """``predict(primes)`` -> one generated text per prime, each starting with its prime."""
+
+    def load_context(self, context):
+        from charrnn.generate import Generator
+        from charrnn.model import load_model_dir
+
+        model, self.vocabulary = load_model_dir(Path(context.artifacts[MODEL_DIR_ARTIFACT]))
+        self.generator = Generator(model, self.vocabulary)
+
+    def predict(self, context, model_input, params=None):
+        from charrnn.sampling import SamplingOptions
+
+        options = {**DEFAULTS, **(params or {})}
+        sampling = SamplingOptions(int(options["length"]), float(options["temperature"]), int(options["top_k"]),
+                                   1, int(options["seed"]))
+        return [self.generator.generate(prime, sampling)[0] for prime in primes_of(model_input)]
+
+
+def primes_of(model_input) -> list[str]:
+    """The primes of a list of strings, a DataFrame's ``prime`` (or first) column, or a dict."""
+    if hasattr(model_input, "columns"):
+        column = "prime" if "prime" in model_input.columns else model_input.columns[0]
+        return [str(v) for v in model_input[column]]
+    if isinstance(model_input, dict):
+        return [str(v) for v in np.atleast_1d(model_input.get("prime", next(iter(model_input.values()))))]
+    return [str(v) for v in np.atleast_1d(model_input)]
+
+
+def signature() -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),  # one prime per row: a list of strings, or a one-column frame
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec(name, PARAM_TYPES[name], value) for name, value in DEFAULTS.items()]),
+    )
+
+
+def keras_signature(vocab_size: int) -> ModelSignature:
+    """The Keras flavor's logits: batch and length free (-1, -1)."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("int32"), (-1, -1), "ids")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, vocab_size), "logits")]),
+    )
+
+
+def log_text_generator(model_dir: Path, registered_name: str | None, pip_requirements: list[str]):
+    """Log the text generator (registering it under ``registered_name``); returns the ModelInfo."""
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(Path(__file__)),
+        artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+        signature=signature(),
+        registered_model_name=registered_name,
+        pip_requirements=pip_requirements,
+    )
+
+
+def download_model_dir(uri: str) -> Path:
+    """``models:/name/version`` or ``runs:/id/model`` -> a local model folder (model.keras + vocabulary)."""
+    from charrnn.errors import UserError
+
+    target = Path(tempfile.mkdtemp(prefix="charrnn-model-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+    except Exception as err:  # MLflow raises its own exception types for a missing model or run
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UserError(f"cannot fetch {uri} from MLflow ({first[:200]}); check the name/version or run id "
+                        "(`mlflow ui` lists them) and MLFLOW_TRACKING_URI") from None
+    found = sorted(p.parent for p in local.rglob("model.keras") if (p.parent / "vocabulary.json").is_file())
+    if not found:
+        raise UserError(f"{uri} holds no charrnn model folder (model.keras + vocabulary.json); use the "
+                        "`model` of a charrnn training run or a version of the registered model")
+    return found[0]
+
+
+mlflow.models.set_model(TextGenerator())
