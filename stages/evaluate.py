@@ -6,6 +6,7 @@ from pathlib import Path
 from charrnn.config import load_params
 from charrnn.errors import exit_on_user_error
 from charrnn.quiet import importing_tensorflow, quiet_python_logs
+from charrnn.threads import configure_threads, threads_from_env
 from charrnn.tracking import check_server
 
 
@@ -20,9 +21,11 @@ def main():
     args = parser.parse_args()
     sample, mlflow_config = load_params(args.params, "sample", "mlflow")
     check_server()
+    threads_from_env()  # a bad CHARRNN_THREADS fails before TensorFlow loads
     with importing_tensorflow():  # TensorFlow takes ~10 s to load: params and server first
         from charrnn.evaluate import evaluate
     quiet_python_logs()
+    configure_threads()
 
     evaluate(args.model, args.sequences, sample, mlflow_config.experiment, args.metrics, args.samples)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from charrnn.config import as_flat_dict, load_params
 from charrnn.errors import UserError, exit_on_user_error
 from charrnn.quiet import importing_tensorflow, quiet_python_logs
+from charrnn.threads import configure_threads, threads_from_env
 from charrnn.tracking import check_server
 
 
@@ -29,9 +30,11 @@ def main():
                         "rerun `dvc repro vectorize`")
     corpus = json.loads(args.corpus.read_text(encoding="utf-8"))
     check_server()
+    threads_from_env()  # a bad CHARRNN_THREADS fails before TensorFlow loads
     with importing_tensorflow():  # TensorFlow takes ~10 s to load: params and server first
         from charrnn.train import train
     quiet_python_logs()
+    configure_threads()
     final = train(config, args.sequences, args.vocabulary, args.model, args.checkpoints, args.history,
                   mlflow_config.experiment, params, args.params, corpus, mlflow_config.registered_model)
     if final is None:

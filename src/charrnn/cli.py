@@ -33,10 +33,14 @@ def generate(args) -> None:
 
     from charrnn.quiet import importing_tensorflow, quiet_python_logs
 
+    from charrnn.threads import configure_threads, threads_from_env
+
     quiet_python_logs()
+    threads_from_env()
     with importing_tensorflow():
         from charrnn.generate import Generator
         from charrnn.model import load_model_dir
+    configure_threads()
 
     model_dir = args.model
     if args.model.startswith(("models:/", "runs:/")):
