@@ -20,9 +20,10 @@ def vocabulary():
     return Vocabulary.from_counts(set(TEXT))
 
 
-def _model(vocabulary, num_layers=1, precision="float32", seed=3):
+def _model(vocabulary, num_layers=1, precision="float32", seed=3, cell="lstm"):
     keras.utils.set_random_seed(seed)
-    return build_model(len(vocabulary), embedding_dim=8, rnn_units=24, num_layers=num_layers, precision=precision)
+    return build_model(len(vocabulary), embedding_dim=8, rnn_units=24, num_layers=num_layers, precision=precision,
+                       cell=cell)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +63,10 @@ def test_prime_longer_than_the_training_sequence(generator):
     assert text.startswith(prime) and len(text) == len(prime) + 30
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_generator_reproduces_teacher_forced_probabilities(vocabulary, num_layers):
-    model = _model(vocabulary, num_layers=num_layers)
+def test_generator_reproduces_teacher_forced_probabilities(vocabulary, num_layers, cell):
+    model = _model(vocabulary, num_layers=num_layers, cell=cell)
     ids = vocabulary.encode(TEXT)[None, :]
     expected = keras.ops.convert_to_numpy(keras.ops.softmax(model(ids), axis=-1))[0]
     got = Generator(model, vocabulary).next_char_probabilities(TEXT)
@@ -101,3 +103,14 @@ def test_bf16_policy_round_trips_and_generates(tmp_path, vocabulary):
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(ids)), keras.ops.convert_to_numpy(loaded(ids)))
     (text,) = Generator(loaded, loaded_vocabulary).generate("ROMEO:", SamplingOptions(length=40, seed=2))
     assert text.startswith("ROMEO:") and len(text) == 46
+
+
+def test_gru_model_round_trips_and_generates(tmp_path, vocabulary):
+    model = _model(vocabulary, cell="gru")
+    assert [type(layer).__name__ for layer in model.layers] == ["InputLayer", "Embedding", "GRU", "Dense"]
+    save_model_dir(model, vocabulary, tmp_path / "model")
+    loaded, loaded_vocabulary = load_model_dir(tmp_path / "model")
+    generator = Generator(loaded, loaded_vocabulary)
+    assert generator.cell_type == "gru"
+    options = SamplingOptions(length=40, seed=2)
+    assert generator.generate("ROMEO:", options) == Generator(model, vocabulary).generate("ROMEO:", options)

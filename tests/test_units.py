@@ -189,3 +189,23 @@ def test_integers_written_as_numbers_and_non_finite_values():
     with pytest.raises(UserError, match="must be an integer, got 2.5"):
         parse_section("train", {"batch_size": 2.5})
     assert parse_section("sample", {"prime": "3e-3"}).prime == "3e-3"  # a string where a string is expected
+
+
+def test_precision_auto_measures_once_and_picks_the_faster(tmp_path, monkeypatch):
+    import json
+
+    from charrnn import precision
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert precision.resolve("float32", 4, 8, 16) == ("float32", "set in params.yaml")
+    policy, why = precision.resolve("auto", 4, 8, 16)  # measured at this tiny shape, then cached
+    cache = json.loads((tmp_path / "charrnn" / "precision.json").read_text())
+    ((key, entry),) = cache.items()
+    assert key.endswith("|batch4|in8|units16") and entry["float32_s"] > 0 and entry["bfloat16_s"] > 0
+    faster = entry["float32_s"] / entry["bfloat16_s"] >= precision.MIN_SPEEDUP
+    assert policy == ("mixed_bfloat16" if faster else "float32") and "measured once" in why
+    # The cached verdict decides from then on (here: bf16 made 2x faster, then 2x slower).
+    for bf16_s, expected in ((entry["float32_s"] / 2, "mixed_bfloat16"), (entry["float32_s"] * 2, "float32")):
+        cache[key]["bfloat16_s"] = bf16_s
+        (tmp_path / "charrnn" / "precision.json").write_text(json.dumps(cache))
+        assert precision.resolve("auto", 4, 8, 16)[0] == expected

@@ -59,6 +59,7 @@ class TrainConfig:
     embedding_dim: int = _field(256, POSITIVE)
     rnn_units: int = _field(1024, POSITIVE)
     num_layers: int = _field(1, POSITIVE)
+    cell: str = _field("lstm", _choice("lstm", "gru"))
     dropout: float = _field(0.0, DROPOUT)
     epochs: int = _field(1, POSITIVE)
     steps_per_epoch: int | None = _field(None, POSITIVE)
@@ -66,7 +67,7 @@ class TrainConfig:
     learning_rate: float = _field(0.001, POSITIVE)
     lr_decay_fraction: float = _field(0.0, _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
     clipnorm: float | None = _field(None, POSITIVE)
-    precision: str = _field("float32", _choice("float32", "mixed_bfloat16", "mixed_float16"))
+    precision: str = _field("auto", _choice("auto", "float32", "mixed_bfloat16", "mixed_float16"))
     strategy: str = _field("default", _choice("default", "mirrored", "multi_worker"))
     shuffle_buffer: int = _field(10_000, POSITIVE)
     deterministic: bool = True

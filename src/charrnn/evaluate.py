@@ -12,7 +12,7 @@ from pathlib import Path
 
 import mlflow
 
-from charrnn import files, model as model_lib, sequences, tracking
+from charrnn import files, lstm_cpu, model as model_lib, sequences, tracking
 from charrnn.config import SampleConfig
 from charrnn.generate import Generator
 from charrnn.sampling import SamplingOptions
@@ -26,6 +26,7 @@ def validation_loss(model, sequences_dir: Path, verbose: int = 1) -> tuple[float
     manifest = sequences.load_manifest(sequences_dir)
     seq_length = manifest["seq_length"]
     paths = sequences.shard_paths(sequences_dir, manifest, "val")
+    lstm_cpu.install_model(model)  # the fast CPU LSTM (equal to Keras' within float round-off)
     model_lib.compile_model(model, learning_rate=1e-3)  # the loss only; nothing is trained
     windows = manifest["splits"]["val"]["windows"]
     loss = model.evaluate(validation_dataset(paths, seq_length, EVAL_BATCH, windows), verbose=verbose)

@@ -6,7 +6,7 @@ streams at once with no rebuild, the prime is consumed and the characters are sa
 compiled TensorFlow loop, and sampling is stateless (seeded by (seed, position)), so the same
 seed gives the same text whatever ran before in the process and however the output is chunked.
 
-The cell is the Keras LSTM's own math (gates i, f, c, o; sigmoid/tanh) on the trained variables,
+The cell is the Keras LSTM's (or GRU's) own math (gates i, f, c, o; sigmoid/tanh) on the trained variables,
 with one saving: the first layer's input projection ``embedding @ kernel + bias`` is precomputed
 for the whole vocabulary, so a step costs one table lookup instead of a matmul.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from charrnn.errors import UserError
-from charrnn.model import lstm_layers
+from charrnn.model import rnn_layers
 from charrnn.sampling import SamplingOptions
 from charrnn.vocabulary import Vocabulary
 
@@ -30,14 +30,18 @@ class Generator:
         self.vocabulary = vocabulary
         embedding = model.get_layer("embedding").embeddings
         dense = model.get_layer("logits")
-        cells = [layer.cell for layer in lstm_layers(model)]
+        layers = rnn_layers(model)
+        cells = [layer.cell for layer in layers]
+        self.cell_type = "gru" if isinstance(layers[0], keras.layers.GRU) else "lstm"
         f32 = lambda v: tf.cast(tf.convert_to_tensor(v), tf.float32)  # noqa: E731
-        first = cells[0]
-        # (vocab, 4 * units): the first layer's input projection for every symbol.
-        self._input_table = f32(embedding) @ f32(first.kernel) + f32(first.bias)
+        # The GRU (reset_after) keeps two biases: [0] on the input projection, [1] on the recurrent one.
+        input_bias = [f32(c.bias)[0] if self.cell_type == "gru" else f32(c.bias) for c in cells]
+        self._recurrent_bias = [f32(c.bias)[1] if self.cell_type == "gru" else None for c in cells]
+        # (vocab, gates * units): the first layer's input projection for every symbol.
+        self._input_table = f32(embedding) @ f32(cells[0].kernel) + input_bias[0]
         self._recurrent = [f32(c.recurrent_kernel) for c in cells]
         self._kernels = [f32(c.kernel) for c in cells[1:]]
-        self._biases = [f32(c.bias) for c in cells[1:]]
+        self._biases = input_bias[1:]
         self._dense_kernel, self._dense_bias = f32(dense.kernel), f32(dense.bias)
         self.units = [c.units for c in cells]
         self._prime_fn = tf.function(self._prime, reduce_retracing=True)
@@ -50,14 +54,22 @@ class Generator:
         z = tf.gather(self._input_table, ids)
         new_states = []
         x = None
-        for layer, (h, c) in enumerate(states):
+        for layer, state in enumerate(states):
             if layer > 0:
                 z = x @ self._kernels[layer - 1] + self._biases[layer - 1]
-            z = z + h @ self._recurrent[layer]
-            i, f, g, o = tf.split(z, 4, axis=-1)
-            c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
-            h = tf.sigmoid(o) * tf.tanh(c)
-            new_states.append((h, c))
+            if self.cell_type == "gru":  # Keras' GRU, reset_after=True: gates z, r, candidate
+                (h,) = state
+                xz, xr, xh = tf.split(z, 3, axis=-1)
+                rz, rr, rh = tf.split(h @ self._recurrent[layer] + self._recurrent_bias[layer], 3, axis=-1)
+                update, reset = tf.sigmoid(xz + rz), tf.sigmoid(xr + rr)
+                h = update * h + (1 - update) * tf.tanh(xh + reset * rh)
+                new_states.append((h,))
+            else:  # Keras' LSTM: gates i, f, candidate, o
+                h, c = state
+                i, f, g, o = tf.split(z + h @ self._recurrent[layer], 4, axis=-1)
+                c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+                h = tf.sigmoid(o) * tf.tanh(c)
+                new_states.append((h, c))
             x = h
         return x @ self._dense_kernel + self._dense_bias, new_states
 
@@ -91,6 +103,8 @@ class Generator:
     # ---- public API ------------------------------------------------------------------------
 
     def zero_state(self, batch: int):
+        if self.cell_type == "gru":
+            return [(tf.zeros([batch, u]),) for u in self.units]
         return [(tf.zeros([batch, u]), tf.zeros([batch, u])) for u in self.units]
 
     def stream(self, prime: str, options: SamplingOptions, chunk: int = 256):

@@ -19,6 +19,7 @@ from charrnn.errors import UserError
 from charrnn.vocabulary import VOCABULARY_FILE, Vocabulary
 
 MODEL_FILE = "model.keras"
+RNN_CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
 SUMMARY_FILE = "model_summary.txt"
 
 
@@ -33,24 +34,29 @@ def build_model(
     dropout: float = 0.0,
     precision: str = "float32",
     stateful_batch: int | None = None,
+    cell: str = "lstm",
 ) -> keras.Model:
-    """The tutorial's architecture, generalised to ``num_layers`` LSTMs with dropout between.
+    """The tutorial's architecture, generalised to ``num_layers`` LSTMs (or GRUs, ``cell="gru"``,
+    as the tutorial's current version uses) with dropout between.
 
-    The LSTM keeps Keras' cuDNN-compatible defaults (tanh/sigmoid, no recurrent dropout, no
-    unroll, bias on), so on a GPU it runs the fused cuDNN kernel. ``stateful_batch`` builds the
-    stateful twin (fixed batch, LSTM state carried from batch to batch, as char-rnn trains on
-    contiguous streams); its weights are the same list as the stateless model's.
+    The recurrent layers keep Keras' cuDNN-compatible defaults (tanh/sigmoid, no recurrent
+    dropout, no unroll, bias on; for the GRU ``reset_after=True``), so on a GPU they run the fused
+    cuDNN kernel. ``stateful_batch`` builds the stateful twin (fixed batch, state carried from batch
+    to batch, as char-rnn trains on contiguous streams); its weights are the same list as the
+    stateless model's.
     """
+    if cell not in RNN_CELLS:
+        raise ValueError(f"cell must be one of {sorted(RNN_CELLS)}, got {cell!r}")
     policy = keras.mixed_precision.DTypePolicy(precision)
     ids = keras.Input(batch_shape=(stateful_batch, None), dtype="int32", name="ids")
     x = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding", dtype=policy)(ids)
     for i in range(num_layers):
-        x = keras.layers.LSTM(
+        x = RNN_CELLS[cell](
             rnn_units,
             return_sequences=True,
             recurrent_initializer="glorot_uniform",
             stateful=stateful_batch is not None,
-            name=f"lstm_{i}" if num_layers > 1 else "lstm",
+            name=f"{cell}_{i}" if num_layers > 1 else cell,
             dtype=policy,
         )(x)
         if dropout > 0:
@@ -58,6 +64,11 @@ def build_model(
     # Logits stay float32 under mixed precision so the softmax cross-entropy is computed stably.
     logits = keras.layers.Dense(vocab_size, name="logits", dtype="float32")(x)
     return keras.Model(ids, logits, name="char_rnn")
+
+
+def rnn_layers(model: keras.Model) -> list:
+    """The recurrent layers (LSTM or GRU), input to output."""
+    return [layer for layer in model.layers if isinstance(layer, (keras.layers.LSTM, keras.layers.GRU))]
 
 
 def lstm_layers(model: keras.Model) -> list:

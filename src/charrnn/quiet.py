@@ -46,10 +46,9 @@ def importing_tensorflow():
 
 def quiet_python_logs() -> None:
     """MLflow's INFO lines (store migrations, system-metrics monitor), its download progress bars
-    and its advice on logging a model from code (we give the signature ourselves), and Keras'
+    and its advice to log an input example (we give the signature ourselves), and Keras'
     warning that a tf.data stream ignores ``shuffle=True`` (the stream is shuffled by its own seed)."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", message=r"`shuffle=True` was passed")
-    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
     warnings.filterwarnings("ignore", message=r".*An input example was not provided")

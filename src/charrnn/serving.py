@@ -28,6 +28,10 @@ PARAM_TYPES = {"length": "long", "temperature": "double", "top_k": "long", "seed
 class TextGenerator(mlflow.pyfunc.PythonModel):
     """``predict(primes)`` -> one generated text per prime, each starting with its prime."""
 
+    # The explicit signature (below) validates inputs and params; MLflow's type-hint wrapper would
+    # only warn that predict has no hints, at every import.
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         from charrnn.generate import Generator
         from charrnn.model import load_model_dir

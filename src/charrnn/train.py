@@ -11,6 +11,7 @@ emptied once the final model is saved, so ``dvc repro --force`` retrains.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -21,7 +22,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from charrnn import files, model as model_lib, sequences, tracking
+from charrnn import files, lstm_cpu, model as model_lib, precision, sequences, tracking
 from charrnn.batches import steps_per_epoch, training_dataset, validation_dataset
 from charrnn.checkpoints import RESUMABLE, Checkpoints, EpochCheckpoint, resume_key
 from charrnn.config import TrainConfig
@@ -97,7 +98,7 @@ def start_run(experiment_id: str, state: dict, resumed: bool, params: dict, para
 
 
 def record_new_run(params: dict, key: str, model: keras.Model, vocabulary: Vocabulary, manifest: dict,
-                   corpus: dict | None, history: list[dict]) -> None:
+                   corpus: dict | None, history: list[dict], policy: str) -> None:
     """What a run records once: tags, params (but the resumable ones, logged at the end), the corpus
     as a dataset input, the vocabulary, and the epochs a resumed checkpoint already trained."""
     mlflow.set_tags({**tracking.source_tags(), tracking.RESUME_KEY_TAG: key})
@@ -105,7 +106,7 @@ def record_new_run(params: dict, key: str, model: keras.Model, vocabulary: Vocab
     mlflow.log_params({**{k: v for k, v in params.items() if k not in resumable},
                        "data.vocab_size": len(vocabulary),
                        "data.train_windows": manifest["splits"]["train"]["windows"],
-                       "model.parameters": model.count_params()})
+                       "model.parameters": model.count_params(), "train.precision_resolved": policy})
     mlflow.log_dict({"chars": vocabulary.chars}, "vocabulary.json")
     if corpus:
         mlflow.log_input(tracking.corpus_dataset(corpus), context="training")
@@ -148,6 +149,9 @@ def train(
     strategy = make_strategy(config.strategy)  # first: collective ops must be set up before others
     chief = is_chief(strategy)
     experiment_id = tracking.setup(experiment) if chief else None  # before any training: fail fast
+    policy, why = precision.resolve(config.precision, config.batch_size, config.embedding_dim, config.rnn_units)
+    print(f"train.precision: {policy} ({why})", flush=True)
+    config = dataclasses.replace(config, precision=policy)
     configure_determinism(config)
     seq_length = manifest["seq_length"]
     chars_per_step = config.batch_size * seq_length
@@ -158,6 +162,7 @@ def train(
         loaded = checkpoints.load(key, config.epochs)
         if loaded:
             state, model = loaded
+            lstm_cpu.install_model(model)  # the same kernel as the uninterrupted run: the same bytes
             print(f"resuming from epoch {state['epoch']} ({checkpoint_dir})", flush=True)
         else:
             if chief:
@@ -165,8 +170,9 @@ def train(
             state = {"key": key, "epoch": 0, "history": [], "run_id": None}
             model = model_lib.build_model(
                 len(vocabulary), config.embedding_dim, config.rnn_units, config.num_layers,
-                config.dropout, config.precision,
+                config.dropout, config.precision, cell=config.cell,
             )
+            lstm_cpu.install_model(model)  # before compile: the fast CPU LSTM (a no-op with a GPU)
             schedule = model_lib.learning_rate_schedule(config.learning_rate, config.epochs * steps,
                                                         config.lr_decay_fraction)
             model_lib.compile_model(model, schedule, config.clipnorm)
@@ -192,7 +198,7 @@ def train(
         run_id = mlflow.active_run().info.run_id
         state["run_id"] = run_id
         if new_run:
-            record_new_run(params, key, model, vocabulary, manifest, corpus, state["history"])
+            record_new_run(params, key, model, vocabulary, manifest, corpus, state["history"], policy)
         logged = {} if new_run else {k: max(tracking.logged_steps(run_id, k), default=-1) for k in CURVES}
         callbacks = [
             TrainingCurves(config.log_every_steps, chars_per_step, logged, log_model_info=new_run),

@@ -1,0 +1,253 @@
+"""A fast LSTM for training on CPU, installed into ordinary ``keras.layers.LSTM`` instances.
+
+Keras' LSTM on a machine without a GPU runs ``backend.rnn``: a ``tf.while_loop`` whose body calls
+the LSTM cell (input projection, recurrent projection, gates) one timestep at a time, and whose
+gradient TensorFlow derives op by op through that loop. :func:`fused_lstm` computes the same
+function with a hand-written gradient (``tf.custom_gradient``):
+
+* forward: the inputs of *all* timesteps are projected in one matmul before the recurrence; the
+  loop then does only ``h @ recurrent_kernel`` and the gate arithmetic, keeping the activated
+  gates and the cell states;
+* backward: the loop computes only the gate gradients and ``dz @ recurrent_kernel^T``, one step at
+  a time; the gradients of the kernel, the recurrent kernel and the bias, and of the inputs, are
+  then single big matmuls (or one sum) over all timesteps at once.
+
+:func:`install` makes an existing layer use it without changing the layer's class, config or
+weights (it overrides the instance attribute ``inner_loop``, the hook ``LSTM.call`` goes through),
+so a model saves as plain Keras and loads with plain Keras and ``safe_mode=True``. Where the layer
+is configured in a way the fused kernel does not cover (a mask, ``go_backwards``, ``unroll``,
+``stateful``, dropout, other activations, no bias) each call falls back to Keras' own path; on a
+machine with a visible GPU ``install`` leaves the layer alone (cuDNN is faster there).
+
+Usage (before ``model.compile``, so that ``jit_compile`` sees the layers as XLA-compatible)::
+
+    from charrnn import lstm_cpu
+    model = build_model(...)
+    lstm_cpu.install_model(model)      # or lstm_cpu.install(layer) per layer
+    compile_model(model, ...)
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+__all__ = ["fused_lstm", "install", "install_model", "uninstall", "is_installed", "eligible"]
+
+_ATTR = "_charrnn_fused_lstm_original_inner_loop"
+
+
+# ---- the kernel --------------------------------------------------------------------------------
+
+
+def fused_lstm(inputs, h0, c0, kernel, recurrent_kernel, bias, matmul_dtype=None):
+    """One LSTM layer over a whole sequence, Keras' weight layout and gate order (i, f, c, o).
+
+    inputs [batch, time, in]; h0, c0 [batch, units]; kernel [in, 4u]; recurrent_kernel [u, 4u];
+    bias [4u]. Activations: sigmoid for the gates, tanh for the candidate and the output, as
+    ``keras.layers.LSTM`` with its default arguments. Returns ``(outputs [batch, time, units],
+    last_h, last_c)`` in the dtype of ``inputs`` (the compute dtype: under a mixed policy the
+    float32 weights are cast once here, outside the loop, and the casts' gradients take the
+    gradients back to float32). Differentiable w.r.t. every argument.
+
+    ``matmul_dtype`` (experimental, e.g. ``tf.bfloat16``) runs only the per-step recurrent matmuls
+    in that dtype, with float32 gate arithmetic and state; ``None`` keeps everything in the
+    compute dtype.
+    """
+    dtype = inputs.dtype
+    h0 = tf.cast(h0, dtype)
+    c0 = tf.cast(c0, dtype)
+    kernel = tf.cast(kernel, dtype)
+    recurrent_kernel = tf.cast(recurrent_kernel, dtype)
+    bias = tf.cast(bias, dtype)
+    mm_dtype = tf.as_dtype(matmul_dtype) if matmul_dtype is not None else dtype
+    return _make_fused(mm_dtype)(inputs, h0, c0, kernel, recurrent_kernel, bias)
+
+
+_FUSED_CACHE: dict = {}
+_PARALLEL_ITERATIONS = 1
+
+
+def _make_fused(mm_dtype):
+    if mm_dtype in _FUSED_CACHE:
+        return _FUSED_CACHE[mm_dtype]
+
+    @tf.custom_gradient
+    def _fused(x, h0, c0, kernel, recurrent_kernel, bias):
+        dtype = x.dtype
+        units = recurrent_kernel.shape[0]
+        n_in = kernel.shape[0]
+        batch = tf.shape(x)[0]
+        steps = tf.shape(x)[1]
+        one = tf.constant(1, dtype)
+
+        # Time-major; the input projection of every timestep in one matmul.
+        xt = tf.transpose(x, [1, 0, 2])                                        # [T, B, in]
+        xz = tf.reshape(tf.matmul(tf.reshape(xt, [-1, n_in]), kernel) + bias,
+                        [steps, batch, 4 * units])                             # [T, B, 4u]
+        rk = recurrent_kernel if mm_dtype == dtype else tf.cast(recurrent_kernel, mm_dtype)
+
+        def cast_mm(t):
+            return t if mm_dtype == dtype else tf.cast(t, mm_dtype)
+
+        def cast_back(t):
+            return t if mm_dtype == dtype else tf.cast(t, dtype)
+
+        def ta(width):
+            return tf.TensorArray(dtype, size=steps, element_shape=tf.TensorShape([None, width]))
+
+        # The forward step also computes, while its tensors are in cache, what the backward step
+        # needs: dz = concat([dc, dc, dc, dh]) * factors, dc += dh * dh_to_dc, dc_prev = dc * f.
+        def forward_body(t, h, c, ta_h, ta_factors, ta_dh_to_dc, ta_f):
+            z = xz[t] + cast_back(tf.matmul(cast_mm(h), rk))
+            s = tf.sigmoid(z)
+            g = tf.tanh(z[:, 2 * units:3 * units])
+            i, f, _, o = tf.split(s, 4, axis=1)
+            c_new = f * c + i * g
+            tanh_c = tf.tanh(c_new)
+            h = o * tanh_c
+            ds = s - s * s  # sigmoid' of i, f, (unused), o
+            factors = tf.concat([g, c, i, tanh_c], axis=1) * tf.concat(
+                [ds[:, :2 * units], one - g * g, ds[:, 3 * units:]], axis=1)
+            dh_to_dc = o - h * tanh_c  # o * (1 - tanh(c)^2)
+            return (t + 1, h, c_new, ta_h.write(t, h), ta_factors.write(t, factors),
+                    ta_dh_to_dc.write(t, dh_to_dc), ta_f.write(t, f))
+
+        _, h_last, c_last, ta_h, ta_factors, ta_dh_to_dc, ta_f = tf.while_loop(
+            lambda t, *_: t < steps,
+            forward_body,
+            (tf.constant(0), h0, c0, ta(units), ta(4 * units), ta(units), ta(units)),
+            parallel_iterations=_PARALLEL_ITERATIONS,
+        )
+        hs = ta_h.stack()                                                      # [T, B, u]
+        outputs = tf.transpose(hs, [1, 0, 2])
+
+        def grad(d_outputs, d_h_last, d_c_last):
+            zeros = tf.zeros_like(h0)
+            d_h_last = zeros if d_h_last is None else tf.cast(d_h_last, dtype)
+            d_c_last = zeros if d_c_last is None else tf.cast(d_c_last, dtype)
+            if d_outputs is None:
+                d_hs = tf.zeros_like(hs)
+            else:
+                d_hs = tf.transpose(tf.cast(d_outputs, dtype), [1, 0, 2])      # [T, B, u]
+            rk_t = tf.transpose(rk)
+
+            def backward_body(t, dh_next, dc_next, ta_dz):
+                dh = d_hs[t] + dh_next
+                dc = dc_next + dh * ta_dh_to_dc.read(t)
+                dz = tf.concat([dc, dc, dc, dh], axis=1) * ta_factors.read(t)
+                dh_prev = cast_back(tf.matmul(cast_mm(dz), rk_t))
+                return t - 1, dh_prev, dc * ta_f.read(t), ta_dz.write(t, dz)
+
+            _, dh0, dc0, ta_dz = tf.while_loop(
+                lambda t, *_: t >= 0,
+                backward_body,
+                (steps - 1, d_h_last, d_c_last, ta(4 * units)),
+                parallel_iterations=_PARALLEL_ITERATIONS,
+            )
+            dz_all = ta_dz.stack()                                             # [T, B, 4u]
+            dz_flat = tf.reshape(dz_all, [-1, 4 * units])
+            d_kernel = tf.matmul(tf.reshape(xt, [-1, n_in]), dz_flat, transpose_a=True)
+            # sum_t h_{t-1}^T dz_t, without building the shifted copy of the hidden states
+            d_recurrent = tf.matmul(h0, dz_all[0], transpose_a=True) + tf.matmul(
+                tf.reshape(hs[:-1], [-1, units]), tf.reshape(dz_all[1:], [-1, 4 * units]),
+                transpose_a=True)
+            d_bias = tf.reduce_sum(dz_flat, axis=0)
+            d_x = tf.transpose(
+                tf.reshape(tf.matmul(dz_flat, tf.transpose(kernel)), [steps, batch, n_in]),
+                [1, 0, 2])
+            return d_x, dh0, dc0, d_kernel, d_recurrent, d_bias
+
+        return (outputs, h_last, c_last), grad
+
+    _FUSED_CACHE[mm_dtype] = _fused
+    return _fused
+
+
+# ---- installing it into keras.layers.LSTM -----------------------------------------------------
+
+
+def _gpu_visible() -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def eligible(layer, mask=None) -> bool:
+    """Whether the fused kernel computes exactly what ``layer`` would (else Keras' path runs)."""
+    cell = layer.cell
+    return (
+        mask is None
+        and keras.backend.backend() == "tensorflow"
+        and not layer.go_backwards
+        and not layer.unroll
+        and not layer.stateful
+        and cell.use_bias
+        and cell.activation is keras.activations.tanh
+        and cell.recurrent_activation is keras.activations.sigmoid
+        and not cell.dropout
+        and not cell.recurrent_dropout
+    )
+
+
+def is_installed(layer) -> bool:
+    return _ATTR in layer.__dict__
+
+
+def install(layer, *, force: bool = False, matmul_dtype=None) -> bool:
+    """Make ``layer`` (a built or unbuilt ``keras.layers.LSTM``) run :func:`fused_lstm`.
+
+    Only the instance's ``inner_loop`` is replaced (and ``supports_jit`` set, so that
+    ``compile(jit_compile=True)`` keeps XLA on): class, config and weights are untouched. Returns
+    True if installed. With a GPU visible nothing is done (cuDNN is used there) unless ``force``.
+    Install before ``model.compile`` (and before the first ``fit``/``predict``: an already traced
+    function keeps the path it traced).
+    """
+    if not isinstance(layer, keras.layers.LSTM):
+        raise TypeError(f"install() takes a keras.layers.LSTM, got {type(layer).__name__}")
+    if is_installed(layer):
+        return True
+    if _gpu_visible() and not force:
+        return False
+    original = layer.inner_loop  # the bound method of the class
+
+    def inner_loop(sequences, initial_state, mask, training=False):
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        if not eligible(layer, mask):
+            return original(sequences, initial_state, mask, training=training)
+        h0, c0 = initial_state
+        cell = layer.cell
+        outputs, h, c = fused_lstm(sequences, h0, c0, cell.kernel, cell.recurrent_kernel,
+                                   cell.bias, matmul_dtype=matmul_dtype)
+        return h, outputs, [h, c]
+
+    object.__setattr__(layer, _ATTR, (original, layer.supports_jit))
+    object.__setattr__(layer, "inner_loop", inner_loop)
+    if eligible(layer):
+        object.__setattr__(layer, "supports_jit", True)
+    return True
+
+
+def uninstall(layer) -> None:
+    """Undo :func:`install` (Keras' own path and ``supports_jit`` again)."""
+    if not is_installed(layer):
+        return
+    _, supports_jit = layer.__dict__.pop(_ATTR)
+    del layer.__dict__["inner_loop"]
+    object.__setattr__(layer, "supports_jit", supports_jit)
+
+
+def install_model(model, **kwargs) -> int:
+    """:func:`install` into every ``keras.layers.LSTM`` of ``model`` (nested ones too); returns
+    how many were installed (0 with a GPU visible).
+
+    Drops the model's already traced train/test/predict functions, so the next call retraces
+    with the fused kernel. ``jit_compile`` is decided by ``compile``: install before it.
+    """
+    layers = [layer for layer in model._flatten_layers(include_self=False)
+              if isinstance(layer, keras.layers.LSTM)]
+    installed = sum(install(layer, **kwargs) for layer in layers)
+    if installed:
+        for name in ("train_function", "test_function", "predict_function"):
+            if getattr(model, name, None) is not None:
+                setattr(model, name, None)
+    return installed
