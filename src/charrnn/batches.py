@@ -13,16 +13,25 @@ from charrnn import sequences
 from charrnn.config import TrainConfig
 
 
-def training_dataset(shards, seq_length: int, config: TrainConfig, start_batch: int) -> tf.data.Dataset:
+def training_dataset(pieces, seq_length: int, config: TrainConfig, start_batch: int) -> tf.data.Dataset:
     """An endless stream of training batches, starting at batch ``start_batch`` of the stream.
 
-    The stream is pass after pass over the shards, pass p shuffled with the seed (seed, p); an
-    epoch is the next ``steps_per_epoch`` batches of it (a full pass by default). ``shards`` is a
-    list of (path, windows).
+    The stream is pass after pass over the windows, pass p shuffled with the seed (seed, p); an
+    epoch is the next ``steps_per_epoch`` batches of it (a full pass by default). ``pieces`` is a
+    list of (path, windows) (whole shards) or (path, skip, take) (a range of a shard's windows).
     """
+    whole_files = all(len(p) == 2 for p in pieces)
+    pieces = [(p[0], 0, p[1]) if len(p) == 2 else tuple(p) for p in pieces]
     batch_size = config.batch_size
-    batches_per_pass = sum(n for _, n in shards) // batch_size
-    windows = sequences.windows_dataset([p for p, _ in shards], seq_length)
+    batches_per_pass = sum(take for _, _, take in pieces) // batch_size
+    if whole_files:  # one reader
+        windows = sequences.windows_dataset([p for p, _, _ in pieces], seq_length)
+    else:
+        parts = [tf.data.TFRecordDataset([p]).skip(skip).take(take) for p, skip, take in pieces]
+        records = parts[0]
+        for part in parts[1:]:
+            records = records.concatenate(part)
+        windows = sequences.parse_windows(records, seq_length)
 
     def one_pass(index):
         return windows.shuffle(

@@ -38,36 +38,80 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0
 
 
-def fit_multi_worker(model, strategy, config, train_shards, seq_length, val_ds, steps, initial_epoch,
-                     callbacks, verbose):
-    """The training loop under MultiWorkerMirroredStrategy. Each worker streams its own subset of
-    the shard files and batches its share of the global batch; the optimizer all-reduces the
-    gradients; every worker scores the same validation batches. Callbacks get the same calls and
-    logs as under ``fit`` (running mean ``loss`` per batch, ``loss``/``val_loss`` per epoch).
+def worker_windows(shards: list[tuple[str, int]], worker: int, workers: int) -> list[tuple[str, int, int]]:
+    """Worker ``worker``'s equal share of the training windows, as (path, skip, take) per shard file.
+
+    Shards are cut by size, so their window counts differ (the last one, tiny test shards); dealing
+    whole files to workers would let the smaller side's windows be seen more often per pass. Instead
+    the windows, in file order, are split into ``workers`` contiguous ranges of the same length
+    (fewer than ``workers`` windows at the end are left out, as ``drop_remainder`` leaves out a last
+    partial batch): each window is in exactly one range, and every worker's pass is equally long.
     """
+    share = sum(n for _, n in shards) // workers
+    start, end = worker * share, (worker + 1) * share
+    pieces, offset = [], 0
+    for path, n in shards:
+        lo, hi = max(start, offset), min(end, offset + n)
+        if lo < hi:
+            pieces.append((path, lo - offset, hi - lo))
+        offset += n
+    return pieces
 
-    def dataset_fn(context):
-        shards = train_shards[context.input_pipeline_id::context.num_input_pipelines]
-        if not shards:
-            raise UserError(f"{context.num_input_pipelines} workers but only {len(train_shards)} train "
-                            "shard(s); lower sequences.shard_size_mb so every worker gets a shard")
-        local = dataclasses.replace(config, batch_size=context.get_per_replica_batch_size(config.batch_size))
-        return training_dataset(shards, seq_length, local, initial_epoch * steps)
 
-    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+def make_train_step(model, strategy, global_batch: int):
+    """One optimizer step on one global batch, spread over the strategy's replicas, equal to the
+    single-device step on that batch (keras.Model.fit's).
+
+    Each replica computes the gradient of its share of the global mean loss (scaled by the loss
+    scale under ``mixed_float16``) and the replicas sum them (all-reduce) *before* the optimizer
+    sees them, so it unscales, checks finiteness, clips (``clipnorm``) and steps on the gradient of
+    the whole global batch, as on one device. Keras' optimizer would otherwise clip each replica's
+    partial gradient and only then sum them (its ``_all_reduce_sum_gradients`` runs after the
+    clip); here it is told that the gradients arrive summed.
+    """
     per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    optimizer = model.optimizer
+    variables = model.trainable_variables
+    for opt in {id(o): o for o in (optimizer, getattr(optimizer, "inner_optimizer", optimizer))}.values():
+        opt._all_reduce_sum_gradients = list  # the gradients arrive summed over the replicas
 
     @tf.function
     def train_step(iterator):
         def replica_step(x, y):
             with tf.GradientTape() as tape:
                 per_sequence = tf.reduce_mean(per_token(y, model(x, training=True)), axis=1)
-                loss = tf.reduce_sum(per_sequence) / config.batch_size  # this replica's share of the mean
-            grads = tape.gradient(loss, model.trainable_variables)
-            model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+                loss = tf.reduce_sum(per_sequence) / global_batch  # this replica's share of the mean
+                scaled = optimizer.scale_loss(loss)
+            grads = tape.gradient(scaled, variables)
+            summed = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            optimizer.apply(summed, variables)  # unscale, check, clip, step: as fit does on one device
             return loss
 
         return strategy.reduce("SUM", strategy.run(replica_step, args=next(iterator)), axis=None)
+
+    return train_step
+
+
+def fit_multi_worker(model, strategy, config, train_shards, seq_length, val_ds, steps, initial_epoch,
+                     callbacks, verbose):
+    """The training loop under MultiWorkerMirroredStrategy. Each worker streams its equal share of
+    the windows (``worker_windows``) and batches its share of the global batch; one optimizer step
+    per global batch (``make_train_step``); every worker scores the same validation batches.
+    Callbacks get the same calls and logs as under ``fit`` (running mean ``loss`` per batch,
+    ``loss``/``val_loss`` per epoch).
+    """
+
+    def dataset_fn(context):
+        pieces = worker_windows(train_shards, context.input_pipeline_id, context.num_input_pipelines)
+        local = dataclasses.replace(config, batch_size=context.get_per_replica_batch_size(config.batch_size))
+        if sum(take for _, _, take in pieces) < local.batch_size:
+            raise UserError(f"{context.num_input_pipelines} workers leave each fewer training windows than its "
+                            f"share of train.batch_size={config.batch_size}; use fewer workers or a longer corpus")
+        return training_dataset(pieces, seq_length, local, initial_epoch * steps)
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    train_step = make_train_step(model, strategy, config.batch_size)
 
     @tf.function
     def val_step(x, y):

@@ -94,9 +94,17 @@ def learning_rate_schedule(learning_rate: float, total_steps: int, decay_fractio
 
 def compile_model(model: keras.Model, learning_rate, clipnorm: float | None = None,
                   jit_compile: bool = False) -> None:
-    """Adam on the sparse cross-entropy of the logits; ``learning_rate`` is a float or a schedule."""
+    """Adam on the sparse cross-entropy of the logits; ``learning_rate`` is a float or a schedule.
+
+    Under ``mixed_float16`` the optimizer is a ``LossScaleOptimizer``: small float16 gradients would
+    underflow to zero. Keras wraps it only when the *global* policy is mixed_float16; ours is set
+    per layer (``build_model``), so it is wrapped here. bfloat16 has float32's range: no scaling.
+    """
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=clipnorm)
+    if any(layer.dtype_policy.name == "mixed_float16" for layer in model.layers):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=clipnorm),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit_compile,
     )
