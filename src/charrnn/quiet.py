@@ -19,7 +19,8 @@ import warnings
 
 CHATTER = re.compile(
     r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    r"|^[IW]\d{4} [\d:.]+ +\d+ (port\.cc|cudart_stub\.cc|cuda_executor\.cc|cuda_dnn\.cc|cpu_feature_guard\.cc)"
+    r"|^[IWE]\d{4} [\d:.]+ +\d+ (port\.cc|cudart_stub\.cc|cuda_executor\.cc|cuda_dnn\.cc|cpu_feature_guard\.cc"
+    r"|cuda_platform\.cc:\d+\] failed call to cuInit)"
     r"|^To enable the following instructions: .*rebuild TensorFlow"
 )
 
@@ -33,6 +34,8 @@ def importing_tensorflow():
         os.dup2(capture.fileno(), 2)
         try:
             yield
+            if "tensorflow" in sys.modules:  # device discovery: "failed call to cuInit" without a GPU
+                sys.modules["tensorflow"].config.list_physical_devices("GPU")
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
