@@ -14,10 +14,14 @@ Two final figures, both over the whole val split (the last 10% of the text):
 - ``val_loss_stream``: the val text read as ``STREAM_EVAL`` contiguous streams with the LSTM state
   carried across, as char-rnn evaluates: each character's loss given all the text before it.
 
-What can be varied: the model (``--rnn-units``, ``--num-layers``, ...), ``--jit-compile`` (XLA),
-the learning-rate schedule over the time budget (``--lr-decay-fraction F``: constant, then a
-cosine decay to a tenth of the peak over the last F of the budget; ``--warmup-seconds``),
-and the data layout: ``windows`` (the pipeline's: shuffled independent windows, zero state each)
+With no options it trains the model of ``params.yaml``'s ``train`` section (the pipeline's
+default) the way the train stage does: the fast CPU LSTM installed, ``train.precision`` resolved
+(``auto``), and the pipeline's own learning-rate schedule (``train.lr_decay_fraction``: Keras'
+``CosineDecay`` over the last share of the steps), laid out over the steps the budget allows at
+the speed a short calibration run measured. What can be varied: the model (``--rnn-units``,
+``--num-layers``, ``--cell gru``, ...), ``--jit-compile`` (XLA), the schedule (``--lr-decay-fraction``;
+``--schedule time`` for the older schedule on elapsed time, with ``--warmup-seconds``), and the
+data layout: ``windows`` (the pipeline's: shuffled independent windows, zero state each)
 or ``streams`` (char-rnn's: the training text cut into ``batch-size`` contiguous streams read in
 order, the LSTM state carried from batch to batch). Last line: one JSON object.
 """
@@ -36,9 +40,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from charrnn import sequences
-from charrnn.config import DataConfig, TrainConfig
-from charrnn.model import build_model, compile_model
+from charrnn import lstm_cpu, precision, sequences
+from charrnn.config import DataConfig, TrainConfig, load_params
+from charrnn.model import build_model, compile_model, learning_rate_schedule
 from charrnn.batches import training_dataset, validation_dataset
 from charrnn.train import configure_determinism
 from charrnn.vectorize import load_ids, vectorize
@@ -72,8 +76,9 @@ class Budget(keras.callbacks.Callback):
         self.trained, self.series, self._last_report = 0.0, [], 0.0
 
     def on_train_batch_begin(self, batch, logs=None):
-        lr = learning_rate_at(self.trained / self.seconds, self.args.learning_rate, self.args)
-        self.model.optimizer.learning_rate.assign(lr)
+        if self.args.schedule == "time":
+            lr = learning_rate_at(self.trained / self.seconds, self.args.learning_rate, self.args)
+            self.model.optimizer.learning_rate.assign(lr)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -114,7 +119,7 @@ def stream_batches(ids: np.ndarray, batch_size: int, seq_length: int) -> tf.data
 def stream_loss(model: keras.Model, ids: np.ndarray, config, seq_length: int) -> float:
     """Mean loss over ``ids`` read as STREAM_EVAL contiguous streams with the state carried."""
     twin = build_model(model.get_layer("logits").units, config.embedding_dim, config.rnn_units,
-                       config.num_layers, 0.0, config.precision, stateful_batch=STREAM_EVAL)
+                       config.num_layers, 0.0, config.precision, stateful_batch=STREAM_EVAL, cell=config.cell)
     twin.set_weights(model.get_weights())
     ids = np.asarray(ids, dtype=np.int32)
     per_stream = (len(ids) - 1) // STREAM_EVAL
@@ -136,20 +141,28 @@ def main() -> None:
     parser.add_argument("--probe-batches", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=100)
     parser.add_argument("--jit-compile", action="store_true", help="compile the train step with XLA")
-    parser.add_argument("--lr-decay-fraction", type=float, default=0.0,
-                        help="share of the budget, at its end, over which the learning rate decays (0 = constant)")
     parser.add_argument("--warmup-seconds", type=float, default=0.0)
+    parser.add_argument("--calibration-steps", type=int, default=40)
     parser.add_argument("--layout", choices=["windows", "streams"], default="windows")
+    parser.add_argument("--params", default="params.yaml", help="defaults of the model options (the pipeline's)")
+    parser.add_argument("--schedule", choices=["pipeline", "time"], default="pipeline",
+                        help="pipeline: train.lr_decay_fraction's step schedule (Keras CosineDecay), laid out over "
+                             "the steps the budget allows at the speed measured in a calibration run; "
+                             "time: the older schedule on elapsed time (with --warmup-seconds)")
+    known, _ = parser.parse_known_args()
+    defaults = load_params(known.params, "train")
     for field in dataclasses.fields(TrainConfig):
-        if field.name in ("batch_size", "embedding_dim", "rnn_units", "num_layers", "dropout",
-                          "learning_rate", "clipnorm", "precision", "seed"):
+        if field.name in ("batch_size", "embedding_dim", "rnn_units", "num_layers", "cell", "dropout",
+                          "learning_rate", "lr_decay_fraction", "clipnorm", "precision", "seed"):
             kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" ")[0], float)
-            parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=getattr(defaults, field.name))
     args = parser.parse_args()
+    policy, why = precision.resolve(args.precision, args.batch_size, args.embedding_dim, args.rnn_units)
+    print(f"precision {policy} ({why})", flush=True)
     config = TrainConfig(batch_size=args.batch_size, embedding_dim=args.embedding_dim, rnn_units=args.rnn_units,
-                         num_layers=args.num_layers, dropout=args.dropout, learning_rate=args.learning_rate,
-                         clipnorm=args.clipnorm, precision=args.precision, seed=args.seed, epochs=1_000,
-                         lr_decay_fraction=args.lr_decay_fraction, jit_compile=args.jit_compile)
+                         num_layers=args.num_layers, cell=args.cell, dropout=args.dropout,
+                         learning_rate=args.learning_rate, clipnorm=args.clipnorm, precision=policy, seed=args.seed,
+                         epochs=1_000, lr_decay_fraction=args.lr_decay_fraction, jit_compile=args.jit_compile)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -162,11 +175,29 @@ def main() -> None:
         configure_determinism(config)
         vocab_size = len(vectorized.vocabulary)
         stateful = args.layout == "streams"
-        model = build_model(vocab_size, config.embedding_dim, config.rnn_units, config.num_layers,
-                            config.dropout, config.precision, stateful_batch=config.batch_size if stateful else None)
-        compile_model(model, config.learning_rate, config.clipnorm, jit_compile=args.jit_compile)
-        stateless = build_model(vocab_size, config.embedding_dim, config.rnn_units, config.num_layers,
-                                config.dropout, config.precision)
+        def new_model(stateful_batch=None):
+            model = build_model(vocab_size, config.embedding_dim, config.rnn_units, config.num_layers,
+                                config.dropout, config.precision, stateful_batch=stateful_batch, cell=config.cell)
+            lstm_cpu.install_model(model)  # as the train stage does
+            return model
+
+        learning_rate = config.learning_rate
+        if args.schedule == "pipeline" and config.lr_decay_fraction > 0:
+            # The pipeline's schedule is laid out over steps: estimate how many the budget allows.
+            calibration = new_model(config.batch_size if stateful else None)
+            compile_model(calibration, config.learning_rate, config.clipnorm, jit_compile=args.jit_compile)
+            probe_data = training_dataset(train_shards, args.seq_length, config, 0)
+            calibration.fit(probe_data, epochs=1, steps_per_epoch=5, verbose=0)  # trace and warm up
+            start = time.perf_counter()
+            calibration.fit(probe_data, epochs=1, steps_per_epoch=args.calibration_steps, verbose=0)
+            rate = args.calibration_steps / (time.perf_counter() - start)
+            total_steps = int(rate * args.minutes * 60)
+            learning_rate = learning_rate_schedule(config.learning_rate, total_steps, config.lr_decay_fraction)
+            print(f"calibration: {rate:.2f} steps/s, so the schedule is laid out over {total_steps} steps", flush=True)
+            configure_determinism(config)
+        model = new_model(config.batch_size if stateful else None)
+        compile_model(model, learning_rate, config.clipnorm, jit_compile=args.jit_compile)
+        stateless = new_model()
         compile_model(stateless, config.learning_rate)
 
         def scorer(trained):
@@ -200,7 +231,8 @@ def main() -> None:
                       "train_seconds": round(budget.trained, 1), "wall_seconds": round(wall, 1),
                       "steps": steps, "tokens": tokens, "series": budget.series,
                       "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"},
-                      "seq_length": args.seq_length, "layout": args.layout, "warmup_seconds": args.warmup_seconds}))
+                      "seq_length": args.seq_length, "layout": args.layout, "warmup_seconds": args.warmup_seconds,
+                      "schedule": args.schedule, "precision_why": why}))
 
 
 if __name__ == "__main__":

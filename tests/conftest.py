@@ -19,7 +19,8 @@ TINY_PARAMS = {
     "data": {"source": "data/corpus/small.txt", "val_fraction": 0.1},
     "sequences": {"seq_length": 32},
     "train": {"batch_size": 16, "embedding_dim": 8, "rnn_units": 32, "epochs": 2,
-              "steps_per_epoch": 12, "learning_rate": 0.01, "precision": "float32"},
+              "steps_per_epoch": 12, "validation_steps": 10, "learning_rate": 0.01, "lr_decay_fraction": 0.0,
+              "clipnorm": None, "log_every_steps": 2, "precision": "float32"},
     "sample": {"length": 80},
     "mlflow": {"experiment": "tests"},
 }

@@ -122,8 +122,9 @@ def test_pipeline_end_to_end(project):
     chars_per_step = 16 * 32  # TINY_PARAMS: batch 16 x seq_length 32
     val_steps = [m.step for m in client.get_metric_history(run_.info.run_id, "val_loss")]
     assert val_steps == [12 * chars_per_step, 24 * chars_per_step]  # every epoch end, in characters trained
-    # train.log_every_steps (params.yaml) steps apart, on the same axis
+    # train.log_every_steps (2 in TINY_PARAMS) steps apart, on the same axis
     every = yaml.safe_load((project / "params.yaml").read_text())["train"]["log_every_steps"]
+    assert every == 2
     loss_steps = [m.step for m in client.get_metric_history(run_.info.run_id, "loss")]
     assert loss_steps == [s * chars_per_step for s in range(every, 25, every)]
     for name in ("learning_rate", "tokens_per_second"):

@@ -110,7 +110,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         self.state["history"].append({
-            "epoch": epoch + 1, "chars": int(self.model.optimizer.iterations) * self.chars_per_step,
+            "epoch": epoch + 1, "chars": int(self.model.optimizer.iterations.numpy()) * self.chars_per_step,
             "loss": float(logs["loss"]), "val_loss": float(logs["val_loss"]),
         })
         self.state["epoch"] = epoch + 1
