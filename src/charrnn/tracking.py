@@ -8,7 +8,9 @@ vanish with that copy. ``MLFLOW_TRACKING_URI`` overrides the store.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import urllib.error
@@ -84,6 +86,46 @@ def _check_sqlite_file(uri: str) -> None:
         raise UserError(f"MLflow store {path}: folder {path.parent} does not exist; {_fix_hint()}")
 
 
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
+def _check_database(uri: str) -> None:
+    """One connection attempt to a database store: MLflow's own retries take two minutes and print
+    a warning per attempt before the same error. A password never reaches the error line."""
+    scheme = uri.split(":", 1)[0]
+    if not scheme.split("+", 1)[0] in DATABASE_SCHEMES:
+        return
+    import sqlalchemy
+
+    try:
+        url = sqlalchemy.engine.make_url(uri)
+    except Exception:  # noqa: BLE001 - a malformed URL: MLflow reports it below
+        return
+    shown = url.render_as_string(hide_password=True)
+    try:
+        connect_args = {"connect_timeout": 10} if url.get_backend_name() == "postgresql" else {}
+        engine = sqlalchemy.create_engine(url, connect_args=connect_args)
+    except ModuleNotFoundError as err:
+        hint = ""
+        if scheme == "postgresql":  # SQLAlchemy 2.1's default PostgreSQL driver is psycopg 3
+            hint = (" (`postgresql://` means psycopg 3 to SQLAlchemy: write `postgresql+psycopg2://`, the driver "
+                    "of this package's `postgres` extra, or `pip install 'psycopg[binary]'`)")
+        raise UserError(f"MLflow store {shown} cannot be used: database driver "
+                        f"{err.name!r} is not installed{hint}; fix or unset MLFLOW_TRACKING_URI") from None
+    except Exception:  # noqa: BLE001 - MLflow reports it below
+        return
+    try:
+        with engine.connect():
+            pass
+    except Exception as err:  # noqa: BLE001 - refused, unknown role or database, bad password...
+        cause = getattr(err, "orig", None) or err
+        first = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+        raise UserError(f"MLflow store {shown} cannot be used ({type(cause).__name__}: {first[:200]}); "
+                        "fix or unset MLFLOW_TRACKING_URI") from None
+    finally:
+        engine.dispose()
+
+
 def check_server() -> None:
     """A stopped tracking server or a damaged store fails the stage in a second, before TensorFlow loads."""
     uri = tracking_uri()
@@ -102,6 +144,9 @@ def setup(experiment_name: str) -> str:
     uri = tracking_uri()
     from_env = "MLFLOW_TRACKING_URI" in os.environ  # before MLflow sets it itself
     check_server()
+    _check_database(uri)
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", SERVER_RETRIES)
     try:
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.get_experiment_by_name(experiment_name)
@@ -134,6 +179,84 @@ def setup(experiment_name: str) -> str:
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise UserError(f"MLflow store {uri} cannot be used ({type(err).__name__}: {first[:200]}); "
                         f"{_fix_hint(from_env)}") from None
+
+
+# ---- a tracking server that stops answering during a run ----------------------------------------
+
+# MLflow retries a failed request 7 times by default (about 4 minutes of back-off, per request). With
+# 5 (0 + 4 + 8 + 16 + 32 s, about a minute) a server restart is still ridden out, while a server that
+# is gone stops the training a minute later, not many minutes. MLFLOW_HTTP_REQUEST_MAX_RETRIES wins.
+SERVER_RETRIES = "5"
+_server_down: str | None = None  # the server's URI once a logging call found it gone
+
+
+def server_answers(uri: str | None = None, timeout: float = 3.0) -> bool:
+    """True unless ``uri`` is a tracking server that does not answer ``GET /health`` (one try)."""
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def logging_failed(err: Exception) -> None:
+    """A logging call raised ``err``: remember a tracking server that is gone (the training stops at
+    the next epoch start, after this epoch's checkpoint, see ``raise_if_server_down``); re-raise
+    anything else."""
+    global _server_down
+    uri = tracking_uri()
+    if server_answers(uri):
+        raise err
+    _server_down = uri
+
+
+def raise_if_server_down() -> None:
+    if _server_down:
+        raise server_down_error(_server_down)
+
+
+def server_down_error(uri: str) -> UserError:
+    return UserError(
+        f"MLflow tracking server {uri} stopped answering during training; the checkpoint of the last "
+        "completed epoch is kept: restart the server, then rerun the same command (or `dvc repro`) to "
+        "resume from it"
+    )
+
+
+def end_run_with_error(err: BaseException) -> UserError | None:
+    """End the active run FAILED (KILLED after a signal) with the error in tag ``charrnn.error``.
+
+    When the tracking server is gone nothing can be recorded: the run is ended here without
+    waiting for MLflow's retries (it stays RUNNING on the server; the rerun resumes into it), the
+    metrics still queued for the server are dropped (with MLflow's error lines about them), and the
+    error to raise instead of ``err`` is returned: one line naming the fix. Otherwise None.
+    """
+    import mlflow
+
+    status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+    uri = _server_down or tracking_uri()
+    if _server_down or not server_answers(uri):
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        logging.getLogger("mlflow").setLevel(logging.CRITICAL)
+        run = mlflow.active_run()
+        with contextlib.suppress(Exception):
+            mlflow.flush_async_logging()
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status=status)  # takes the run off MLflow's stack; the server call fails at once
+        from mlflow.tracking import fluent
+
+        monitors = getattr(fluent, "run_id_to_system_metrics_monitor", {})
+        monitor = monitors.pop(run.info.run_id, None) if run else None
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()
+        return None if isinstance(err, KeyboardInterrupt) else server_down_error(uri)
+    mlflow.set_tag("charrnn.error", f"{type(err).__name__}: {err}"[:5000])
+    mlflow.end_run(status=status)
+    return None
 
 
 # ---- what a run is and where it came from ---------------------------------------------------------

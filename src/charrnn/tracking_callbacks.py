@@ -12,6 +12,7 @@ import time
 import keras
 import mlflow
 
+from charrnn import tracking
 from charrnn.sampling import SamplingOptions
 from charrnn.vocabulary import Vocabulary
 
@@ -88,9 +89,19 @@ class EpochSamples(keras.callbacks.Callback):
         self.prime = prime
         self.options = SamplingOptions(length=length, temperature=temperature, seed=seed)
 
+    # Not in TrainingCurves: MLflow's callback base class logs its methods' exceptions and goes on.
+    def on_epoch_begin(self, epoch, logs=None):
+        tracking.raise_if_server_down()  # found at the last epoch's end, after that epoch's checkpoint
+
+    def on_train_end(self, logs=None):
+        tracking.raise_if_server_down()
+
     def on_epoch_end(self, epoch, logs=None):
         from charrnn.generate import Generator  # the generator snapshots the weights: one per epoch
 
         (text,) = Generator(self.model, self.vocabulary).generate(self.prime, self.options)
         header = f"# after epoch {epoch + 1}; temperature {self.options.temperature:g}, seed {self.options.seed}\n"
-        mlflow.log_text(header + text + "\n", f"samples/epoch_{epoch + 1:03d}.txt")
+        try:
+            mlflow.log_text(header + text + "\n", f"samples/epoch_{epoch + 1:03d}.txt")
+        except Exception as err:  # a server that is gone stops the training after this epoch's checkpoint
+            tracking.logging_failed(err)

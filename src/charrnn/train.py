@@ -244,8 +244,9 @@ def train(
         mlflow.log_params({f"train.{name}": params[f"train.{name}"] for name in RESUMABLE})
         checkpoints.clear()
     except BaseException as err:
-        mlflow.set_tag("charrnn.error", f"{type(err).__name__}: {err}"[:5000])
-        mlflow.end_run(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        replacement = tracking.end_run_with_error(err)  # one line when the tracking server is gone
+        if replacement is not None:
+            raise replacement from None
         raise
     mlflow.end_run()
     return final

@@ -1,0 +1,281 @@
+"""Team setup, run for real: an `mlflow server` on PostgreSQL shared by parallel queued experiments,
+a DVC remote round trip to a fresh clone, and clear failures when the server or the remote is gone."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, dvc, make_project, run
+
+pytestmark = pytest.mark.slow
+
+PG = {"host": "127.0.0.1", "port": 5432, "dbname": "test"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_connect():
+    import psycopg2
+
+    last = None
+    for user in ("postgres", "root"):
+        try:
+            conn = psycopg2.connect(user=user, connect_timeout=3, **PG)
+            conn.autocommit = True
+            return conn, user
+        except psycopg2.OperationalError as err:
+            last = err
+    raise last
+
+
+@contextlib.contextmanager
+def postgres_database():
+    """A fresh database on the local PostgreSQL, dropped afterwards; yields its SQLAlchemy URL.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3: the URL names psycopg2, the `postgres`
+    extra's driver."""
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg2 is not installed (pip install -e '.[postgres]')")
+    try:
+        conn, user = _pg_connect()
+    except Exception as err:  # noqa: BLE001 - any failure to connect means: no server to test against
+        pytest.skip(f"PostgreSQL on {PG['host']}:{PG['port']} is not reachable ({str(err).strip()[:120]})")
+    name = f"charrnn_test_{secrets.token_hex(4)}"
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg2://{user}@{PG['host']}:{PG['port']}/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+class MlflowServer:
+    """`mlflow server` in its own process group: start, kill (the whole group), start again on the
+    same port and database."""
+
+    def __init__(self, backend: str, artifacts: Path, log: Path, port: int | None = None):
+        self.backend, self.artifacts, self.log = backend, artifacts, log
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 180) -> MlflowServer:
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        argv = [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend,
+                "--artifacts-destination", self.artifacts.as_uri(), "--host", "127.0.0.1",
+                "--port", str(self.port), "--workers", "1"]
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise AssertionError(f"mlflow server not healthy after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig=signal.SIGKILL) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        self.proc.wait(timeout=60)
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A running `mlflow server` on a fresh PostgreSQL database with local artifacts."""
+    with postgres_database() as backend:
+        server = MlflowServer(backend, tmp_path / "server-artifacts", tmp_path / "server.log").start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def wait_for_queue(project, timeout=900) -> str:
+    deadline = time.time() + timeout
+    status = ""
+    while time.time() < deadline:
+        status = dvc(project, "queue", "status").stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        time.sleep(2)
+    raise AssertionError(f"queue still busy after {timeout} s:\n{status}")
+
+
+# ---- 1. parallel queued experiments, one shared server ----------------------------------------
+
+QUEUED = {"wide": ("train.rnn_units=40",), "slow-lr": ("train.learning_rate=0.005",),
+          "emb4": ("train.embedding_dim=4",)}
+
+
+def test_parallel_queue_records_every_run_on_a_postgres_server(tmp_path, corpus_text, mlflow_server):
+    import mlflow
+
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
+    project = make_project(tmp_path / "project", corpus_text, {"train": {"epochs": 1}})
+    dvc(project, "repro", env=env)
+    run(["git", "add", "dvc.lock", "metrics"], project)
+    run(["git", "commit", "-q", "-m", "baseline run"], project)
+    for name, sets in QUEUED.items():
+        dvc(project, "exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)], env=env)
+    dvc(project, "queue", "start", "-j", "2", env={**env, "CHARRNN_THREADS": "1"})
+    status = wait_for_queue(project)
+    assert status.count("Success") == 3, status
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name("tests")
+    runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs), [
+        (r.info.run_name, r.info.status) for r in runs]
+    assert len({r.info.run_name for r in runs}) == 4
+    by_exp = {r.data.tags.get("dvc.exp_name"): r for r in runs}
+    assert set(by_exp) == {None, *QUEUED}
+    assert all(by_exp[name].info.run_name == name for name in QUEUED)
+    assert by_exp["wide"].data.params["train.rnn_units"] == "40"
+    assert by_exp["slow-lr"].data.params["train.learning_rate"] == "0.005"
+    assert by_exp[None].data.params["train.rnn_units"] == "32"
+
+    versions = {v.run_id: v for v in client.search_model_versions("name = 'charrnn'")}
+    for r in runs:
+        assert {"val_loss", "eval_val_loss"} <= set(r.data.metrics), (r.info.run_name, r.data.metrics)
+        samples = [f.path for f in client.list_artifacts(r.info.run_id, "samples")]
+        assert "samples/epoch_001.txt" in samples, (r.info.run_name, samples)
+        assert r.info.run_id in versions, f"{r.info.run_name}: no registered version"
+    # The artifacts went through the server into its --artifacts-destination.
+    assert list(mlflow_server.artifacts.rglob("epoch_001.txt"))
+    version = versions[by_exp["wide"].info.run_id].version
+    model = mlflow.pyfunc.load_model(f"models:/charrnn/{version}")
+    (text,) = model.predict(["ROMEO: "], params={"length": 20, "seed": 1})
+    assert text.startswith("ROMEO: ") and len(text) > len("ROMEO: ")
+
+    # Nothing fell back to the default SQLite store, here or in the queue's temp copies.
+    assert not list(project.rglob("mlflow.db")) and not (project / "mlruns").exists()
+
+
+# ---- 2. a DVC remote: push, clone, pull, nothing to rerun ---------------------------------------
+
+
+def test_a_clone_pulls_everything_from_the_remote_and_reruns_nothing(tmp_path, corpus_text):
+    project = make_project(tmp_path / "project", corpus_text, {"train": {"epochs": 1}})
+    storage = tmp_path / "storage"
+    dvc(project, "remote", "add", "-d", "storage", str(storage))
+    dvc(project, "repro")
+    dvc(project, "push")
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-q", "-m", "run and remote"], project)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    dvc(clone, "pull")
+    assert "up to date" in dvc(clone, "status").stdout
+    repro = dvc(clone, "repro")
+    assert "Running stage" not in repro.stdout + repro.stderr, repro.stdout
+    generated = run([str(BIN / "charrnn"), "generate", "--model", "models/char_rnn", "--length", "50"], clone)
+    assert len(generated.stdout.strip()) >= 50 and "Traceback" not in generated.stderr
+
+    # A remote that does not answer: DVC's own lines, no traceback, a non-zero exit. (A local path
+    # under a missing folder is no failure: DVC creates the folders.)
+    port = free_port()
+    dvc(clone, "remote", "add", "-f", "-d", "storage", f"http://127.0.0.1:{port}/store")
+    gone = dvc(clone, "push", check=False)
+    output = gone.stdout + gone.stderr
+    assert gone.returncode == 1 and "Traceback" not in output, output
+    assert f"Cannot connect to host 127.0.0.1:{port}" in output, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("ERROR: failed to push data to the cloud - ") and last.endswith("failed to upload"), output
+
+
+# ---- 3. the tracking server goes down mid-training ---------------------------------------------
+
+TRAIN_ARGV = [str(BIN / "python"), "stages/train.py", "--sequences", "data/sequences", "--vocabulary",
+              "data/vectorized/vocabulary.json", "--corpus", "data/vectorized/corpus.json", "--model",
+              "models/char_rnn", "--checkpoints", "checkpoints/train", "--history", "metrics/history.csv"]
+
+
+def _state(project) -> dict:
+    try:
+        return json.loads((project / "checkpoints/train/state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_a_server_that_goes_down_mid_training_fails_in_one_line_and_the_rerun_resumes(
+        tmp_path, corpus_text, mlflow_server):
+    project = make_project(tmp_path / "project", corpus_text,
+                           {"train": {"epochs": 6, "steps_per_epoch": 25, "rnn_units": 48}})
+    dvc(project, "repro", "sequences")
+
+    # A database the stage cannot use: one line in seconds (MLflow alone retries for two minutes).
+    wrong_role = f"{mlflow_server.backend.rsplit('@', 1)[0].split('://')[0]}://nobody:secret@127.0.0.1:5432/x"
+    started = time.time()
+    bad = run(TRAIN_ARGV, project, env={"MLFLOW_TRACKING_URI": wrong_role}, check=False)
+    bad_lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and time.time() - started < 60, bad.stderr[-3000:]
+    assert bad_lines[-1].startswith("error: MLflow store ") and 'role "nobody" does not exist' in bad_lines[-1]
+    assert "secret" not in bad.stderr and "MLFLOW_TRACKING_URI" in bad_lines[-1]
+    print(bad_lines[-1])
+
+    env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"}
+    # Two tries instead of the stage's five (about a minute of back-off) keep the test short.
+    env.update(MLFLOW_TRACKING_URI=mlflow_server.uri, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+               MLFLOW_HTTP_REQUEST_MAX_RETRIES="2")
+    proc = subprocess.Popen(TRAIN_ARGV, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and "model_file" not in _state(project):
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before the server was stopped"
+    mlflow_server.stop()
+    stopped = time.time()
+    out, err = proc.communicate(timeout=600)
+    took = time.time() - stopped
+    report = f"exit {proc.returncode} after {took:.0f} s\n--- stderr ---\n{err[-4000:]}"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in err, report
+    assert lines[-1].startswith("error: ") and mlflow_server.uri in lines[-1], report
+    assert "rerun" in lines[-1] and "resume" in lines[-1], report
+    state = _state(project)
+    epoch = state["epoch"]
+    assert 1 <= epoch < 6 and (project / "checkpoints/train" / state["model_file"]).is_file(), state
+    assert not (project / "models/char_rnn").exists()
+
+    mlflow_server.start()  # the same port and database
+    resumed = run(TRAIN_ARGV, project, env={"MLFLOW_TRACKING_URI": mlflow_server.uri})
+    assert f"resuming from epoch {epoch}" in resumed.stdout + resumed.stderr
+    assert (project / "models/char_rnn/model.keras").is_file()
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    (finished,) = mlflow.search_runs([mlflow.get_experiment_by_name("tests").experiment_id], output_format="list")
+    assert finished.info.status == "FINISHED" and finished.data.tags.get("charrnn.error") is None
+    print(f"server down: {lines[-1]}\n(exit {proc.returncode}, {took:.1f} s after the server stopped)")
