@@ -136,3 +136,13 @@ def test_mixed_float16_trains_with_loss_scaling_and_round_trips(tmp_path, vocabu
     assert isinstance(loaded.optimizer, keras.optimizers.LossScaleOptimizer)
     (text,) = Generator(loaded, loaded_vocabulary).generate("ROMEO:", SamplingOptions(length=40, seed=2))
     assert text.startswith("ROMEO:") and len(text) == 46
+
+
+def test_refresh_loads_new_weights_without_a_new_generator(vocabulary):
+    first, second = _model(vocabulary, seed=3), _model(vocabulary, seed=4)
+    generator = Generator(first, vocabulary)
+    before = generator.next_char_probabilities(TEXT)
+    generator.refresh(second)
+    after = generator.next_char_probabilities(TEXT)
+    np.testing.assert_array_equal(after, Generator(second, vocabulary).next_char_probabilities(TEXT))
+    assert np.abs(after - before).max() > 1e-4  # untrained: near-uniform, yet 2% apart

@@ -28,50 +28,66 @@ class Generator:
 
     def __init__(self, model: keras.Model, vocabulary: Vocabulary):
         self.vocabulary = vocabulary
-        embedding = model.get_layer("embedding").embeddings
-        dense = model.get_layer("logits")
         layers = rnn_layers(model)
-        cells = [layer.cell for layer in layers]
         self.cell_type = "gru" if isinstance(layers[0], keras.layers.GRU) else "lstm"
-        f32 = lambda v: tf.cast(tf.convert_to_tensor(v), tf.float32)  # noqa: E731
-        # The GRU (reset_after) keeps two biases: [0] on the input projection, [1] on the recurrent one.
-        input_bias = [f32(c.bias)[0] if self.cell_type == "gru" else f32(c.bias) for c in cells]
-        self._recurrent_bias = [f32(c.bias)[1] if self.cell_type == "gru" else None for c in cells]
-        # (vocab, gates * units): the first layer's input projection for every symbol.
-        self._input_table = f32(embedding) @ f32(cells[0].kernel) + input_bias[0]
-        self._recurrent = [f32(c.recurrent_kernel) for c in cells]
-        self._kernels = [f32(c.kernel) for c in cells[1:]]
-        self._biases = input_bias[1:]
-        self._dense_kernel, self._dense_bias = f32(dense.kernel), f32(dense.bias)
-        self.units = [c.units for c in cells]
+        self.units = [layer.cell.units for layer in layers]
+        # Variables, not captured tensors: ``refresh`` loads new weights without retracing.
+        self._w = {name: [tf.Variable(t, trainable=False) for t in tensors]
+                   for name, tensors in self._weights(model).items()}
         self._prime_fn = tf.function(self._prime, reduce_retracing=True)
         self._sample_fn = tf.function(self._sample, reduce_retracing=True)
+
+    def refresh(self, model: keras.Model) -> None:
+        """Generate from ``model``'s current weights (the same architecture), e.g. after an epoch."""
+        for name, tensors in self._weights(model).items():
+            for variable, tensor in zip(self._w[name], tensors):
+                variable.assign(tensor)
+
+    def _weights(self, model: keras.Model) -> dict[str, list]:
+        """The float32 tensors the step needs, by name."""
+        cells = [layer.cell for layer in rnn_layers(model)]
+        embedding = model.get_layer("embedding").embeddings
+        dense = model.get_layer("logits")
+        f32 = lambda v: tf.cast(tf.convert_to_tensor(v), tf.float32)  # noqa: E731
+        # The GRU (reset_after) keeps two biases: [0] on the input projection, [1] on the recurrent one.
+        gru = self.cell_type == "gru"
+        input_bias = [f32(c.bias)[0] if gru else f32(c.bias) for c in cells]
+        return {
+            # (vocab, gates * units): the first layer's input projection for every symbol.
+            "input_table": [f32(embedding) @ f32(cells[0].kernel) + input_bias[0]],
+            "recurrent": [f32(c.recurrent_kernel) for c in cells],
+            "recurrent_bias": [f32(c.bias)[1] for c in cells] if gru else [],
+            "kernels": [f32(c.kernel) for c in cells[1:]],
+            "biases": input_bias[1:],
+            "dense": [f32(dense.kernel), f32(dense.bias)],
+        }
 
     # ---- the compiled core ------------------------------------------------------------------
 
     def _step(self, ids, states):
         """One character for every stream: ids [K] -> logits [K, V], new states."""
-        z = tf.gather(self._input_table, ids)
+        w = self._w
+        z = tf.gather(w["input_table"][0], ids)
         new_states = []
         x = None
         for layer, state in enumerate(states):
             if layer > 0:
-                z = x @ self._kernels[layer - 1] + self._biases[layer - 1]
+                z = x @ w["kernels"][layer - 1] + w["biases"][layer - 1]
             if self.cell_type == "gru":  # Keras' GRU, reset_after=True: gates z, r, candidate
                 (h,) = state
                 xz, xr, xh = tf.split(z, 3, axis=-1)
-                rz, rr, rh = tf.split(h @ self._recurrent[layer] + self._recurrent_bias[layer], 3, axis=-1)
+                rz, rr, rh = tf.split(h @ w["recurrent"][layer] + w["recurrent_bias"][layer], 3, axis=-1)
                 update, reset = tf.sigmoid(xz + rz), tf.sigmoid(xr + rr)
                 h = update * h + (1 - update) * tf.tanh(xh + reset * rh)
                 new_states.append((h,))
             else:  # Keras' LSTM: gates i, f, candidate, o
                 h, c = state
-                i, f, g, o = tf.split(z + h @ self._recurrent[layer], 4, axis=-1)
+                i, f, g, o = tf.split(z + h @ w["recurrent"][layer], 4, axis=-1)
                 c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
                 h = tf.sigmoid(o) * tf.tanh(c)
                 new_states.append((h, c))
             x = h
-        return x @ self._dense_kernel + self._dense_bias, new_states
+        return x @ w["dense"][0] + w["dense"][1], new_states
 
     def _prime(self, prime_ids, states):
         """Consume the prime [K, P] in one call; return the logits after its last character."""

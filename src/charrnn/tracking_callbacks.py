@@ -88,6 +88,7 @@ class EpochSamples(keras.callbacks.Callback):
         self.vocabulary = vocabulary
         self.prime = prime
         self.options = SamplingOptions(length=length, temperature=temperature, seed=seed)
+        self.generator = None
 
     # Not in TrainingCurves: MLflow's callback base class logs its methods' exceptions and goes on.
     def on_epoch_begin(self, epoch, logs=None):
@@ -97,9 +98,13 @@ class EpochSamples(keras.callbacks.Callback):
         tracking.raise_if_server_down()
 
     def on_epoch_end(self, epoch, logs=None):
-        from charrnn.generate import Generator  # the generator snapshots the weights: one per epoch
+        from charrnn.generate import Generator
 
-        (text,) = Generator(self.model, self.vocabulary).generate(self.prime, self.options)
+        if self.generator is None:  # compiled once; each epoch loads the weights it reached
+            self.generator = Generator(self.model, self.vocabulary)
+        else:
+            self.generator.refresh(self.model)
+        (text,) = self.generator.generate(self.prime, self.options)
         header = f"# after epoch {epoch + 1}; temperature {self.options.temperature:g}, seed {self.options.seed}\n"
         try:
             mlflow.log_text(header + text + "\n", f"samples/epoch_{epoch + 1:03d}.txt")
