@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,15 @@ def project(tmp_path, corpus_text) -> Path:
 def dvc(project: Path, *args, env=None, check=True):
     return run([str(BIN / "dvc"), *args], project, env=env, check=check)
 
+
+
+def wait_for_queue(project: Path, timeout: float = 900) -> str:
+    """Poll `dvc queue status` until nothing is Queued or Running; return the last status."""
+    deadline = time.time() + timeout
+    status = ""
+    while time.time() < deadline:
+        status = dvc(project, "queue", "status").stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        time.sleep(2)
+    raise AssertionError(f"queue still busy after {timeout} s:\n{status}")

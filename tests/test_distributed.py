@@ -152,7 +152,7 @@ def test_one_step_on_two_workers_equals_the_single_device_step(tmp_path):
     for variant, extra in (("combined", []), ("per-replica", ["--per-replica-apply"])):
         wait_all(start_workers(tmp_path, 2, lambda i: [sys.executable, str(STEP_SCRIPT),
                                                        str(tmp_path / f"{variant}-{i}.npz"), *extra]))
-    (w0, meta0), (w1, meta1) = _weights(tmp_path / "combined-0.npz"), _weights(tmp_path / "combined-1.npz")
+    (w0, meta0), (w1, _) = _weights(tmp_path / "combined-0.npz"), _weights(tmp_path / "combined-1.npz")
     assert meta0["iterations"] == single_meta["iterations"] == 3
     for a, b in zip(w0, w1):
         np.testing.assert_array_equal(a, b)  # the workers hold one model

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import json
-import time
 
 import mlflow
 import pytest
 
-from conftest import dvc, run
+from conftest import dvc, run, wait_for_queue
 
 pytestmark = pytest.mark.slow
 
@@ -27,14 +26,6 @@ def shown_metrics(project) -> dict[str, dict]:
     return out
 
 
-def wait_for_queue(project, timeout=900):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = dvc(project, "queue", "status").stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            return status
-        time.sleep(2)
-    raise AssertionError(f"queue still busy after {timeout} s:\n{status}")
 
 
 def test_every_experiment_carries_its_metrics_and_curves(project):

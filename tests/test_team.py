@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, dvc, make_project, run
+from conftest import BIN, dvc, make_project, run, wait_for_queue
 
 pytestmark = pytest.mark.slow
 
@@ -120,15 +120,6 @@ def mlflow_server(tmp_path):
             server.stop()
 
 
-def wait_for_queue(project, timeout=900) -> str:
-    deadline = time.time() + timeout
-    status = ""
-    while time.time() < deadline:
-        status = dvc(project, "queue", "status").stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            return status
-        time.sleep(2)
-    raise AssertionError(f"queue still busy after {timeout} s:\n{status}")
 
 
 # ---- 1. parallel queued experiments, one shared server ----------------------------------------

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import keras
 import mlflow
-import numpy as np
 import tensorflow as tf
 
 from charrnn import files, lstm_cpu, model as model_lib, precision, sequences, tracking
