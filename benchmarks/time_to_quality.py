@@ -139,7 +139,6 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--report-every", type=float, default=60.0, help="training seconds between probes")
     parser.add_argument("--probe-batches", type=int, default=4)
-    parser.add_argument("--seq-length", type=int, default=100)
     parser.add_argument("--jit-compile", action="store_true", help="compile the train step with XLA")
     parser.add_argument("--warmup-seconds", type=float, default=0.0)
     parser.add_argument("--calibration-steps", type=int, default=40)
@@ -150,7 +149,8 @@ def main() -> None:
                              "the steps the budget allows at the speed measured in a calibration run; "
                              "time: the older schedule on elapsed time (with --warmup-seconds)")
     known, _ = parser.parse_known_args()
-    defaults = load_params(known.params, "train")
+    defaults, sequence_defaults = load_params(known.params, "train", "sequences")
+    parser.add_argument("--seq-length", type=int, default=sequence_defaults.seq_length)
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("batch_size", "embedding_dim", "rnn_units", "num_layers", "cell", "dropout",
                           "learning_rate", "lr_decay_fraction", "clipnorm", "precision", "seed"):
