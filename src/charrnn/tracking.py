@@ -51,19 +51,26 @@ def _fix_hint(from_env: bool | None = None) -> str:
     return "move the file aside (`mv mlflow.db mlflow.db.bad`) and rerun; a new store is created"
 
 
+def _health(uri: str, timeout: float) -> Exception | None:
+    """One ``GET /health`` of a tracking server: None if it answered 200, else the error."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return None
+    except (urllib.error.URLError, OSError) as err:  # HTTPError is a URLError
+        return err
+
+
 def _check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds, not after an hour of training, when a tracking server is down."""
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-            pass
-    except urllib.error.HTTPError as err:
+    err = _health(uri, timeout)
+    if isinstance(err, urllib.error.HTTPError):
         raise UserError(
             f"{uri} answers but is not an MLflow tracking server (GET /health: HTTP {err.code}); "
             "point MLFLOW_TRACKING_URI at `mlflow server`"
         ) from None
-    except (urllib.error.URLError, OSError) as err:
+    if err is not None:
         reason = getattr(err, "reason", err)
         raise UserError(
             f"MLflow tracking server {uri} is unreachable ({reason}); start it "
@@ -193,13 +200,7 @@ _server_down: str | None = None  # the server's URI once a logging call found it
 def server_answers(uri: str | None = None, timeout: float = 3.0) -> bool:
     """True unless ``uri`` is a tracking server that does not answer ``GET /health`` (one try)."""
     uri = uri or tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return True
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-            return True
-    except (urllib.error.URLError, OSError):
-        return False
+    return not uri.startswith(("http://", "https://")) or _health(uri, timeout) is None
 
 
 def logging_failed(err: Exception) -> None:
