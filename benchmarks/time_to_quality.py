@@ -157,11 +157,9 @@ def main() -> None:
             kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" ")[0], float)
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=getattr(defaults, field.name))
     args = parser.parse_args()
-    policy, why = precision.resolve(args.precision, args.batch_size, args.embedding_dim, args.rnn_units)
-    print(f"precision {policy} ({why})", flush=True)
     config = TrainConfig(batch_size=args.batch_size, embedding_dim=args.embedding_dim, rnn_units=args.rnn_units,
                          num_layers=args.num_layers, cell=args.cell, dropout=args.dropout,
-                         learning_rate=args.learning_rate, clipnorm=args.clipnorm, precision=policy, seed=args.seed,
+                         learning_rate=args.learning_rate, clipnorm=args.clipnorm, precision=args.precision, seed=args.seed,
                          epochs=1_000, lr_decay_fraction=args.lr_decay_fraction, jit_compile=args.jit_compile)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,8 +170,11 @@ def main() -> None:
                                                          manifest["splits"]["train"]["shards"])]
         val_paths = sequences.shard_paths(tmp / "seq", manifest, "val")
         val_windows = manifest["splits"]["val"]["windows"]
-        configure_determinism(config)
         vocab_size = len(vectorized.vocabulary)
+        policy, why = precision.resolve(args.precision, config, vocab_size, args.seq_length)
+        print(f"precision {policy} ({why})", flush=True)
+        config = dataclasses.replace(config, precision=policy)
+        configure_determinism(config)
         stateful = args.layout == "streams"
         def new_model(stateful_batch=None):
             model = build_model(vocab_size, config.embedding_dim, config.rnn_units, config.num_layers,

@@ -191,21 +191,43 @@ def test_integers_written_as_numbers_and_non_finite_values():
     assert parse_section("sample", {"prime": "3e-3"}).prime == "3e-3"  # a string where a string is expected
 
 
-def test_precision_auto_measures_once_and_picks_the_faster(tmp_path, monkeypatch):
+def test_precision_auto_times_the_train_step_once_and_picks_the_faster(tmp_path, monkeypatch):
+    import dataclasses
     import json
 
     from charrnn import precision
+    from charrnn.config import TrainConfig
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert precision.resolve("float32", 4, 8, 16) == ("float32", "set in params.yaml")
-    policy, why = precision.resolve("auto", 4, 8, 16)  # measured at this tiny shape, then cached
+    config = TrainConfig(batch_size=4, embedding_dim=8, rnn_units=16, precision="auto")
+    assert precision.resolve("float32", config, 11, 12) == ("float32", "set in params.yaml")
+    policy, why = precision.resolve("auto", config, 11, 12)  # the train step timed at this shape, then cached
     cache = json.loads((tmp_path / "charrnn" / "precision.json").read_text())
     ((key, entry),) = cache.items()
-    assert key.endswith("|batch4|in8|units16") and entry["float32_s"] > 0 and entry["bfloat16_s"] > 0
-    faster = entry["float32_s"] / entry["bfloat16_s"] >= precision.MIN_SPEEDUP
-    assert policy == ("mixed_bfloat16" if faster else "float32") and "measured once" in why
+    assert key.endswith("|vocab_size=11,seq_length=12,batch_size=4,embedding_dim=8,rnn_units=16,num_layers=1,"
+                        "cell=lstm,jit_compile=False")
+    assert entry["float32_s"] > 0 and entry["mixed_bfloat16_s"] > 0
+    faster = entry["float32_s"] / entry["mixed_bfloat16_s"] >= precision.MIN_SPEEDUP
+    assert policy == ("mixed_bfloat16" if faster else "float32") and "train step" in why and "measured once" in why
     # The cached verdict decides from then on (here: bf16 made 2x faster, then 2x slower).
     for bf16_s, expected in ((entry["float32_s"] / 2, "mixed_bfloat16"), (entry["float32_s"] * 2, "float32")):
-        cache[key]["bfloat16_s"] = bf16_s
+        cache[key]["mixed_bfloat16_s"] = bf16_s
         (tmp_path / "charrnn" / "precision.json").write_text(json.dumps(cache))
-        assert precision.resolve("auto", 4, 8, 16)[0] == expected
+        assert precision.resolve("auto", config, 11, 12)[0] == expected
+    # Another shape is another measurement.
+    precision.resolve("auto", dataclasses.replace(config, cell="gru"), 11, 12)
+    assert len(json.loads((tmp_path / "charrnn" / "precision.json").read_text())) == 2
+
+
+def test_precision_auto_that_cannot_measure_says_what_to_set(tmp_path, monkeypatch):
+    from charrnn import precision
+    from charrnn.config import TrainConfig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    config = TrainConfig(batch_size=4, embedding_dim=8, rnn_units=16, precision="auto")
+    shape = precision.probe_shape
+    monkeypatch.setattr(precision, "probe_shape", lambda *args: {**shape(*args), "cell": "bogus"})
+    with pytest.raises(UserError, match=r"could not time a train step \(.*\); set train.precision: float32") as error:
+        precision.resolve("auto", config, 11, 12)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "charrnn" / "precision.json").exists()

@@ -1,10 +1,16 @@
 """``train.precision: auto``: bfloat16 where this kind of processor trains it faster, float32 elsewhere.
 
 The CPU flag does not tell: one AVX512-BF16 Xeon multiplies bf16 at half its fp32 rate, an AVX512-BF16
-EPYC at twice it. So ``auto`` measures, once per kind of machine, the LSTM layer's forward and
-backward pass at the run's own shape in float32 and in bfloat16, and picks ``mixed_bfloat16`` only
-when it is clearly faster (``MIN_SPEEDUP``). The verdict is cached (``~/.cache/charrnn``), so every
-run on that machine makes the same choice, and it is printed and logged to MLflow.
+EPYC at twice it, a Xeon with AMX at five times it; and a matmul rate does not tell either, because at
+the small widths CPU runs use, the per-step overhead of the recurrence weighs as much as the
+multiplications. So ``auto`` measures what it decides about: the run's own train step (the model of
+``params.yaml``, the fast CPU LSTM, the optimizer, at the run's batch and sequence length, with XLA if
+``train.jit_compile``) in float32 and in mixed_bfloat16, and picks bfloat16 only when it is clearly
+faster (``MIN_SPEEDUP``). It measures in a child process, so that nothing of the probe (traced
+functions, random state, thread pools) touches the training process: a run that measured and a run
+that read the cached verdict train the same bytes. The verdict is cached per kind of machine and
+shape (``~/.cache/charrnn/precision.json``), so every run there makes the same choice; it is printed
+and logged to MLflow.
 """
 
 from __future__ import annotations
@@ -13,11 +19,17 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+from charrnn.errors import UserError
+
 MIN_SPEEDUP = 1.15
-TIMESTEPS = 25
+POLICIES = ("float32", "mixed_bfloat16")
+ROUNDS = 3           # timed rounds per policy, interleaved float32 / bfloat16
+STEPS_PER_ROUND = 2  # train steps per timed round
 
 
 def machine_kind() -> str:
@@ -44,48 +56,74 @@ def cache_file() -> Path:
     return Path(base) / "charrnn" / "precision.json"
 
 
-def time_lstm(dtype: str, batch: int, inputs: int, units: int, repeats: int = 3) -> float:
-    """Median seconds of one fused LSTM forward + backward pass of ``TIMESTEPS`` steps in ``dtype``."""
-    import tensorflow as tf
-
-    from charrnn.lstm_cpu import fused_lstm
-
-    rng = tf.random.Generator.from_seed(0)
-    x = tf.cast(rng.normal([batch, TIMESTEPS, inputs]), dtype)
-    weights = [tf.Variable(rng.normal(shape) * 0.05) for shape in ([inputs, 4 * units], [units, 4 * units], [4 * units])]
-    zeros = tf.zeros([batch, units], dtype)
-
-    @tf.function
-    def step():
-        with tf.GradientTape() as tape:
-            outputs, _, _ = fused_lstm(x, zeros, zeros, *[tf.cast(w, dtype) for w in weights])
-            loss = tf.reduce_sum(tf.cast(outputs, tf.float32))
-        return tape.gradient(loss, weights)
-
-    step()  # trace and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        [g.numpy() for g in step()]
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def probe_shape(config, vocab_size: int, seq_length: int) -> dict:
+    """What the train step's speed depends on: the model, the batch, XLA."""
+    return {"vocab_size": vocab_size, "seq_length": seq_length, "batch_size": config.batch_size,
+            "embedding_dim": config.embedding_dim, "rnn_units": config.rnn_units,
+            "num_layers": config.num_layers, "cell": config.cell, "jit_compile": bool(config.jit_compile)}
 
 
-def resolve(requested: str, batch: int, inputs: int, units: int) -> tuple[str, str]:
-    """(policy, why): ``requested`` itself unless it is ``auto``."""
+def time_train_steps(shape: dict) -> dict:
+    """Median seconds of one train step per policy at ``shape``, in this process.
+
+    Each policy's model is built and warmed up (the first steps trace), then the policies are
+    timed in turn, ``ROUNDS`` rounds of ``STEPS_PER_ROUND`` steps, so drift on a noisy machine
+    hits both alike.
+    """
+    import numpy as np
+
+    from charrnn import lstm_cpu
+    from charrnn.model import build_model, compile_model
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, shape["vocab_size"], (shape["batch_size"], shape["seq_length"] + 1)).astype("int32")
+    x, y = ids[:, :-1], ids[:, 1:]
+    models = {}
+    for policy in POLICIES:
+        model = build_model(shape["vocab_size"], shape["embedding_dim"], shape["rnn_units"], shape["num_layers"],
+                            0.0, policy, cell=shape["cell"])
+        lstm_cpu.install_model(model)
+        compile_model(model, 1e-3, 5.0, jit_compile=shape["jit_compile"])
+        for _ in range(2):
+            model.train_on_batch(x, y)
+        models[policy] = model
+    times: dict[str, list[float]] = {policy: [] for policy in POLICIES}
+    for _ in range(ROUNDS):
+        for policy, model in models.items():
+            start = time.perf_counter()
+            for _ in range(STEPS_PER_ROUND):
+                model.train_on_batch(x, y)
+            times[policy].append((time.perf_counter() - start) / STEPS_PER_ROUND)
+    return {f"{policy}_s": sorted(t)[len(t) // 2] for policy, t in times.items()}
+
+
+def _measure_in_child(shape: dict) -> dict:
+    result = subprocess.run([sys.executable, "-m", "charrnn.precision", json.dumps(shape)],
+                            capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"train.precision: auto could not time a train step ({detail}); "
+                        "set train.precision: float32 (or mixed_bfloat16) in params.yaml")
+    return json.loads(lines[-1])
+
+
+def resolve(requested: str, config, vocab_size: int, seq_length: int) -> tuple[str, str]:
+    """(policy, why): ``requested`` itself unless it is ``auto``; ``config`` is the TrainConfig."""
     if requested != "auto":
         return requested, "set in params.yaml"
     kind = machine_kind()
-    key = f"{kind}|batch{batch}|in{inputs}|units{units}"
+    shape = probe_shape(config, vocab_size, seq_length)
+    key = kind + "|" + ",".join(f"{name}={value}" for name, value in shape.items())
     path = cache_file()
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key not in cache:
-        fp32 = time_lstm("float32", batch, inputs, units)
-        bf16 = time_lstm("bfloat16", batch, inputs, units)
-        cache[key] = {"float32_s": fp32, "bfloat16_s": bf16}
+    if not isinstance(cache.get(key), dict) or not all(f"{p}_s" in cache[key] for p in POLICIES):
+        print("train.precision: auto: timing a train step in float32 and in bfloat16 (once per machine "
+              "and shape)", flush=True)
+        cache[key] = _measure_in_child(shape)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -94,8 +132,12 @@ def resolve(requested: str, batch: int, inputs: int, units: int) -> tuple[str, s
         except OSError:
             pass  # a read-only home: measure again next time
     entry = cache[key]
-    speedup = entry["float32_s"] / entry["bfloat16_s"]
+    speedup = entry["float32_s"] / entry["mixed_bfloat16_s"]
     policy = "mixed_bfloat16" if speedup >= MIN_SPEEDUP else "float32"
-    why = (f"auto: an LSTM step in bfloat16 is {speedup:.2f}x float32's speed on this machine "
+    why = (f"auto: a train step in bfloat16 ran {speedup:.2f}x float32's speed on this machine "
            f"({kind.split(':tf')[0]}; measured once, cached in {path})")
     return policy, why
+
+
+if __name__ == "__main__":  # the child of _measure_in_child (its stderr is shown only on failure)
+    print(json.dumps(time_train_steps(json.loads(sys.argv[1]))), flush=True)

@@ -148,7 +148,7 @@ def train(
     strategy = make_strategy(config.strategy)  # first: collective ops must be set up before others
     chief = is_chief(strategy)
     experiment_id = tracking.setup(experiment) if chief else None  # before any training: fail fast
-    policy, why = precision.resolve(config.precision, config.batch_size, config.embedding_dim, config.rnn_units)
+    policy, why = precision.resolve(config.precision, config, len(vocabulary), manifest["seq_length"])
     print(f"train.precision: {policy} ({why})", flush=True)
     config = dataclasses.replace(config, precision=policy)
     configure_determinism(config)
