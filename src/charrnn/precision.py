@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-from charrnn.errors import UserError
-
 MIN_SPEEDUP = 1.15
 POLICIES = ("float32", "mixed_bfloat16")
 ROUNDS = 3           # timed rounds per policy, interleaved float32 / bfloat16
@@ -98,14 +96,15 @@ def time_train_steps(shape: dict) -> dict:
 
 
 def _measure_in_child(shape: dict) -> dict:
+    """The child's timings, or ``{"error": ...}`` when it failed (oneDNN aborts the process on a
+    machine where it cannot build a bfloat16 matmul, so the probe cannot run in this process)."""
     result = subprocess.run([sys.executable, "-m", "charrnn.precision", json.dumps(shape)],
                             capture_output=True, text=True)
     lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"train.precision: auto could not time a train step ({detail}); "
-                        "set train.precision: float32 (or mixed_bfloat16) in params.yaml")
-    return json.loads(lines[-1])
+    if result.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    detail = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+    return {"error": detail[:300]}
 
 
 def resolve(requested: str, config, vocab_size: int, seq_length: int) -> tuple[str, str]:
@@ -120,7 +119,8 @@ def resolve(requested: str, config, vocab_size: int, seq_length: int) -> tuple[s
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if not isinstance(cache.get(key), dict) or not all(f"{p}_s" in cache[key] for p in POLICIES):
+    entry = cache.get(key)
+    if not isinstance(entry, dict) or not ("error" in entry or all(f"{p}_s" in entry for p in POLICIES)):
         print("train.precision: auto: timing a train step in float32 and in bfloat16 (once per machine "
               "and shape)", flush=True)
         cache[key] = _measure_in_child(shape)
@@ -132,6 +132,9 @@ def resolve(requested: str, config, vocab_size: int, seq_length: int) -> tuple[s
         except OSError:
             pass  # a read-only home: measure again next time
     entry = cache[key]
+    if "error" in entry:
+        return "float32", (f"auto: a train step could not be timed in both precisions on this machine "
+                           f"({entry['error']}); measured once, cached in {path}")
     speedup = entry["float32_s"] / entry["mixed_bfloat16_s"]
     policy = "mixed_bfloat16" if speedup >= MIN_SPEEDUP else "float32"
     why = (f"auto: a train step in bfloat16 ran {speedup:.2f}x float32's speed on this machine "
