@@ -50,9 +50,10 @@ def fused_lstm(inputs, h0, c0, kernel, recurrent_kernel, bias, matmul_dtype=None
     float32 weights are cast once here, outside the loop, and the casts' gradients take the
     gradients back to float32). Differentiable w.r.t. every argument.
 
-    ``matmul_dtype`` (experimental, e.g. ``tf.bfloat16``) runs only the per-step recurrent matmuls
-    in that dtype, with float32 gate arithmetic and state; ``None`` keeps everything in the
-    compute dtype.
+    ``matmul_dtype`` (e.g. ``tf.bfloat16`` with float32 ``inputs``) runs every matmul in that dtype
+    (inputs and results cast, accumulation inside the matmul in float32) and keeps the gate
+    arithmetic and the state in the dtype of ``inputs``; ``None`` runs everything in that dtype.
+    :func:`install` uses it for layers whose compute dtype is bfloat16.
     """
     dtype = inputs.dtype
     h0 = tf.cast(h0, dtype)
@@ -81,17 +82,20 @@ def _make_fused(mm_dtype):
         steps = tf.shape(x)[1]
         one = tf.constant(1, dtype)
 
-        # Time-major; the input projection of every timestep in one matmul.
-        xt = tf.transpose(x, [1, 0, 2])                                        # [T, B, in]
-        xz = tf.reshape(tf.matmul(tf.reshape(xt, [-1, n_in]), kernel) + bias,
-                        [steps, batch, 4 * units])                             # [T, B, 4u]
-        rk = recurrent_kernel if mm_dtype == dtype else tf.cast(recurrent_kernel, mm_dtype)
-
         def cast_mm(t):
             return t if mm_dtype == dtype else tf.cast(t, mm_dtype)
 
         def cast_back(t):
             return t if mm_dtype == dtype else tf.cast(t, dtype)
+
+        def mm(a, b, **kwargs):
+            return cast_back(tf.matmul(cast_mm(a), cast_mm(b), **kwargs))
+
+        # Time-major; the input projection of every timestep in one matmul.
+        xt = tf.transpose(x, [1, 0, 2])                                        # [T, B, in]
+        xz = tf.reshape(mm(tf.reshape(xt, [-1, n_in]), kernel) + bias,
+                        [steps, batch, 4 * units])                             # [T, B, 4u]
+        rk = cast_mm(recurrent_kernel)
 
         def ta(width):
             return tf.TensorArray(dtype, size=steps, element_shape=tf.TensorShape([None, width]))
@@ -147,14 +151,14 @@ def _make_fused(mm_dtype):
             )
             dz_all = ta_dz.stack()                                             # [T, B, 4u]
             dz_flat = tf.reshape(dz_all, [-1, 4 * units])
-            d_kernel = tf.matmul(tf.reshape(xt, [-1, n_in]), dz_flat, transpose_a=True)
+            d_kernel = mm(tf.reshape(xt, [-1, n_in]), dz_flat, transpose_a=True)
             # sum_t h_{t-1}^T dz_t, without building the shifted copy of the hidden states
-            d_recurrent = tf.matmul(h0, dz_all[0], transpose_a=True) + tf.matmul(
+            d_recurrent = mm(h0, dz_all[0], transpose_a=True) + mm(
                 tf.reshape(hs[:-1], [-1, units]), tf.reshape(dz_all[1:], [-1, 4 * units]),
                 transpose_a=True)
             d_bias = tf.reduce_sum(dz_flat, axis=0)
             d_x = tf.transpose(
-                tf.reshape(tf.matmul(dz_flat, tf.transpose(kernel)), [steps, batch, n_in]),
+                tf.reshape(mm(dz_flat, kernel, transpose_b=True), [steps, batch, n_in]),
                 [1, 0, 2])
             return d_x, dh0, dc0, d_kernel, d_recurrent, d_bias
 
@@ -198,6 +202,8 @@ def install(layer, *, force: bool = False, matmul_dtype=None) -> bool:
     Only the instance's ``inner_loop`` is replaced (and ``supports_jit`` set, so that
     ``compile(jit_compile=True)`` keeps XLA on): class, config and weights are untouched. Returns
     True if installed. With a GPU visible nothing is done (cuDNN is used there) unless ``force``.
+    Under a bfloat16 compute dtype the matmuls run in bfloat16 and the gates and state in float32
+    (``matmul_dtype`` overrides); outputs and states come back in the compute dtype.
     Install before ``model.compile`` (and before the first ``fit``/``predict``: an already traced
     function keeps the path it traced).
     """
@@ -216,8 +222,16 @@ def install(layer, *, force: bool = False, matmul_dtype=None) -> bool:
             return original(sequences, initial_state, mask, training=training)
         h0, c0 = initial_state
         cell = layer.cell
-        outputs, h, c = fused_lstm(sequences, h0, c0, cell.kernel, cell.recurrent_kernel,
-                                   cell.bias, matmul_dtype=matmul_dtype)
+        dtype = sequences.dtype
+        if dtype == tf.bfloat16 and matmul_dtype is None:
+            # bfloat16 where it pays, float32 where precision matters: the cell state carried over
+            # hundreds of steps and the gate arithmetic stay float32, the matmuls run in bfloat16.
+            outputs, h, c = fused_lstm(tf.cast(sequences, tf.float32), h0, c0, cell.kernel,
+                                       cell.recurrent_kernel, cell.bias, matmul_dtype=tf.bfloat16)
+            outputs, h, c = (tf.cast(t, dtype) for t in (outputs, h, c))
+        else:
+            outputs, h, c = fused_lstm(sequences, h0, c0, cell.kernel, cell.recurrent_kernel,
+                                       cell.bias, matmul_dtype=matmul_dtype)
         return h, outputs, [h, c]
 
     object.__setattr__(layer, _ATTR, (original, layer.supports_jit))
