@@ -233,3 +233,34 @@ def test_precision_auto_that_cannot_time_bfloat16_trains_float32_and_says_why(tm
     # The failure is cached like a verdict: the next run makes the same choice without a child.
     monkeypatch.setattr(precision, "_measure_in_child", lambda shape: pytest.fail("measured again"))
     assert precision.resolve("auto", config, 11, 12) == (policy, why)
+
+
+def test_a_checkpoint_resumes_dropout_where_it_stood(tmp_path):
+    """Keras does not save a Dropout layer's random state with the model; without the checkpoint's
+    copy of it a resumed run drops other units than the uninterrupted one (measured: different
+    weights after one more epoch)."""
+    import keras
+    import tensorflow as tf
+
+    from charrnn import lstm_cpu
+    from charrnn.checkpoints import Checkpoints
+    from charrnn.model import compile_model
+
+    ids = np.random.default_rng(0).integers(0, 11, (24, 10)).astype("int32")
+    data = lambda: tf.data.Dataset.from_tensor_slices((ids, ids)).batch(4)  # noqa: E731
+    keras.utils.set_random_seed(42)
+    model = build_model(11, 4, 8, dropout=0.5)
+    lstm_cpu.install_model(model)
+    compile_model(model, 1e-2)
+    model.fit(data(), epochs=1, verbose=0)
+    checkpoints = Checkpoints(tmp_path / "checkpoints")
+    checkpoints.save(model, {"key": "k", "epoch": 1, "history": [{}], "run_id": None})
+    model.fit(data(), epochs=2, initial_epoch=1, verbose=0)
+
+    keras.utils.set_random_seed(42)  # as the train stage does before it loads
+    state, resumed = checkpoints.load("k", 2)
+    assert state["seed_states"]["dropout_0"][1] == 6  # six batches drawn before the checkpoint
+    lstm_cpu.install_model(resumed)
+    resumed.fit(data(), epochs=2, initial_epoch=1, verbose=0)
+    for expected, got in zip(model.get_weights(), resumed.get_weights()):
+        np.testing.assert_array_equal(got, expected)

@@ -50,6 +50,25 @@ def model_file(epoch: int) -> str:
     return f"epoch-{epoch:04d}.keras"
 
 
+def _random_layers(model: keras.Model) -> dict:
+    return {layer.name: layer for layer in model._flatten_layers(include_self=False)
+            if getattr(layer, "seed_generator", None) is not None}
+
+
+def seed_states(model: keras.Model) -> dict:
+    """Where each layer that draws random numbers in training (dropout) stands in its stream.
+    Keras does not save that state in the model file, so a resumed run would drop other units than
+    the uninterrupted one; the checkpoint keeps it in ``state.json``."""
+    return {name: layer.seed_generator.state.numpy().tolist() for name, layer in _random_layers(model).items()}
+
+
+def restore_seed_states(model: keras.Model, states: dict) -> None:
+    layers = _random_layers(model)
+    for name, values in states.items():
+        if name in layers:
+            layers[name].seed_generator.state.assign(values)
+
+
 class Checkpoints:
     """The checkpoint folder (a DVC output with ``persist: true``)."""
 
@@ -70,7 +89,9 @@ class Checkpoints:
         model_path = self.folder / state["model_file"]
         if not model_path.is_file():
             return None
-        return state, model_lib.load_keras(model_path, compile=True)
+        model = model_lib.load_keras(model_path, compile=True)
+        restore_seed_states(model, state.get("seed_states", {}))
+        return state, model
 
     def save(self, model: keras.Model, state: dict) -> None:
         """Commit epoch ``state["epoch"]``: the new model file, then the state naming it, then cleanup."""
@@ -78,7 +99,7 @@ class Checkpoints:
         name = model_file(state["epoch"])
         model_lib.save_keras(model, self.folder / name)
         crash_point("checkpoint-model-written")
-        files.write_json(self.folder / STATE_FILE, {**state, "model_file": name})
+        files.write_json(self.folder / STATE_FILE, {**state, "model_file": name, "seed_states": seed_states(model)})
         crash_point("checkpoint-state-written")
         self._remove_all_but({STATE_FILE, name})
 
