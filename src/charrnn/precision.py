@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from charrnn import files
+
 MIN_SPEEDUP = 1.15
 KERNEL = "lstm_cpu-2"  # bumped when the fused kernel's speed changes: older verdicts are measured again
 POLICIES = ("float32", "mixed_bfloat16")
@@ -124,15 +126,11 @@ def resolve(requested: str, config, vocab_size: int, seq_length: int) -> tuple[s
     if not isinstance(entry, dict) or not ("error" in entry or all(f"{p}_s" in entry for p in POLICIES)):
         print("train.precision: auto: timing a train step in float32 and in bfloat16 (once per machine "
               "and shape)", flush=True)
-        cache[key] = _measure_in_child(shape)
+        entry = cache[key] = _measure_in_child(shape)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(cache, indent=2, sort_keys=True))
-            os.replace(tmp, path)
+            files.write_json(path, cache)
         except OSError:
             pass  # a read-only home: measure again next time
-    entry = cache[key]
     if "error" in entry:
         return "float32", (f"auto: a train step could not be timed in both precisions on this machine "
                            f"({entry['error']}); measured once, cached in {path}")
