@@ -18,7 +18,7 @@ With no options it trains the model of ``params.yaml``'s ``train`` section (the 
 default) the way the train stage does: the fast CPU LSTM installed, ``train.precision`` resolved
 (``auto``), and the pipeline's own learning-rate schedule (``train.lr_decay_fraction``: Keras'
 ``CosineDecay`` over the last share of the steps), laid out over the steps the budget allows at
-the speed a short calibration run measured. What can be varied: the model (``--rnn-units``,
+the speed a short calibration run measured (mean step time, after warm-up). What can be varied: the model (``--rnn-units``,
 ``--num-layers``, ``--cell gru``, ...), ``--jit-compile`` (XLA), the schedule (``--lr-decay-fraction``;
 ``--schedule time`` for the older schedule on elapsed time, with ``--warmup-seconds``), and the
 data layout: ``windows`` (the pipeline's: shuffled independent windows, zero state each)
@@ -92,6 +92,20 @@ class Budget(keras.callbacks.Callback):
             print(f"  {self.trained:7.1f} s  val loss {loss:.4f} (probe)  step {steps}  lr {lr:.2e}", flush=True)
         if self.trained >= self.seconds:
             self.model.stop_training = True
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Seconds of every train step (data wait included), for the calibration."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
 
 
 def stream_batches(ids: np.ndarray, batch_size: int, seq_length: int) -> tf.data.Dataset:
@@ -182,19 +196,23 @@ def main() -> None:
             lstm_cpu.install_model(model)  # as the train stage does
             return model
 
-        learning_rate = config.learning_rate
+        learning_rate, total_steps = config.learning_rate, None
         if args.schedule == "pipeline" and config.lr_decay_fraction > 0:
             # The pipeline's schedule is laid out over steps: estimate how many the budget allows.
             calibration = new_model(config.batch_size if stateful else None)
             compile_model(calibration, config.learning_rate, config.clipnorm, jit_compile=args.jit_compile)
             probe_data = training_dataset(train_shards, args.seq_length, config, 0)
-            calibration.fit(probe_data, epochs=1, steps_per_epoch=5, verbose=0)  # trace and warm up
-            start = time.perf_counter()
-            calibration.fit(probe_data, epochs=1, steps_per_epoch=args.calibration_steps, verbose=0)
-            rate = args.calibration_steps / (time.perf_counter() - start)
+            # One fit, each step timed: a second fit would refill the shuffle buffer inside the timing
+            # (that once made a run measure 3.9 steps/s for 6.4 and decay its rate 40% too early).
+            timer = StepTimer()
+            calibration.fit(probe_data, epochs=1, steps_per_epoch=args.calibration_steps + 5, verbose=0,
+                            callbacks=[timer])
+            step_seconds = float(np.mean(timer.seconds[5:]))  # after tracing, warm-up and the buffer fill
+            rate = 1.0 / step_seconds
             total_steps = int(rate * args.minutes * 60)
             learning_rate = learning_rate_schedule(config.learning_rate, total_steps, config.lr_decay_fraction)
-            print(f"calibration: {rate:.2f} steps/s, so the schedule is laid out over {total_steps} steps", flush=True)
+            print(f"calibration: {rate:.2f} steps/s (mean of {args.calibration_steps} steps), so the schedule "
+                  f"is laid out over {total_steps} steps", flush=True)
             configure_determinism(config)
         model = new_model(config.batch_size if stateful else None)
         compile_model(model, learning_rate, config.clipnorm, jit_compile=args.jit_compile)
@@ -224,13 +242,13 @@ def main() -> None:
     tokens = steps * config.batch_size * args.seq_length
     print(f"final val loss {final:.4f} nats/char ({final / math.log(2):.4f} bits/char) over the whole val split "
           f"after {budget.trained:.0f} s of training ({steps} steps, {tokens:,} tokens, "
-          f"{tokens / budget.trained:,.0f} tokens/s)")
+          f"{tokens / budget.trained:,.0f} tokens/s)" + (f"; the schedule was laid out over {total_steps}" if total_steps else ""))
     print(f"final val loss with the state carried ({STREAM_EVAL} contiguous streams): {final_stream:.4f} nats/char "
           f"({final_stream / math.log(2):.4f} bits/char)")
     print(json.dumps({"val_loss": round(final, 4), "val_bpc": round(final / math.log(2), 4),
                       "val_loss_stream": round(final_stream, 4),
                       "train_seconds": round(budget.trained, 1), "wall_seconds": round(wall, 1),
-                      "steps": steps, "tokens": tokens, "series": budget.series,
+                      "steps": steps, "scheduled_steps": total_steps, "tokens": tokens, "series": budget.series,
                       "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"},
                       "seq_length": args.seq_length, "layout": args.layout, "warmup_seconds": args.warmup_seconds,
                       "schedule": args.schedule, "precision_why": why}))
