@@ -18,8 +18,9 @@ With no options it trains the model of ``params.yaml``'s ``train`` section (the 
 default) the way the train stage does: the fast CPU LSTM installed, ``train.precision`` resolved
 (``auto``), and the pipeline's own learning-rate schedule (``train.lr_decay_fraction``: Keras'
 ``CosineDecay`` over the last share of the steps), laid out over the steps the budget allows at
-the speed a short calibration run measured (mean step time, after warm-up). What can be varied: the model (``--rnn-units``,
-``--num-layers``, ``--cell gru``, ...), ``--jit-compile`` (XLA), the schedule (``--lr-decay-fraction``;
+the speed a short calibration run measured (its mean step time after 5 warm-up steps; the last line
+says over how many steps it was laid out and how many were trained). What can be varied: the model
+(``--rnn-units``, ``--num-layers``, ``--cell gru``, ...), ``--jit-compile`` (XLA), the schedule (``--lr-decay-fraction``;
 ``--schedule time`` for the older schedule on elapsed time, with ``--warmup-seconds``), and the
 data layout: ``windows`` (the pipeline's: shuffled independent windows, zero state each)
 or ``streams`` (char-rnn's: the training text cut into ``batch-size`` contiguous streams read in
