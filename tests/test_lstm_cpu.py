@@ -4,6 +4,7 @@ fallbacks, mixed precision, XLA and determinism. Small shapes: a few seconds eac
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from charrnn import lstm_cpu
+from charrnn import cell_ops, lstm_cpu
 
 # The fused kernel sums the same terms in another order (input projection of all steps first):
 # float32 round-off only, measured ~1e-7 relative on these shapes. A wrong gate, transpose or
@@ -357,3 +358,63 @@ def test_bfloat16_keeps_the_state_in_float32():
     assert [t.dtype for t in got_fused] == [tf.bfloat16] * 3  # the compute dtype, as Keras returns
     for i in (0, 2):  # outputs, cell state
         assert rel_err(got_fused[i], expected[i]) < 0.7 * rel_err(got_stock[i], expected[i])
+
+
+# ---- the compiled cell ops (charrnn.cell_ops) ---------------------------------------------------
+
+@pytest.fixture
+def compiled_ops():
+    if cell_ops.load() is None:
+        pytest.skip("the cell ops could not be built here (see the note on stderr)")
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, tf.bfloat16])
+def test_compiled_cell_ops_match_tensorflow_ops(compiled_ops, matmul_dtype):
+    """The two compiled kernels compute what the loop's TensorFlow ops compute: outputs, states and
+    every gradient, float32 and with bfloat16 matmuls (measured ~1e-7 relative: vectorised
+    sigmoid/tanh round differently; a wrong factor or gate is off by order 1e-1)."""
+    rng = np.random.default_rng(5)
+    units, n_in, batch, steps = 48, 12, 5, 9
+    args = [rng.normal(0, s, shape).astype(np.float32) for s, shape in (
+        (1, (batch, steps, n_in)), (0.5, (batch, units)), (0.5, (batch, units)),
+        (0.3, (n_in, 4 * units)), (0.3, (units, 4 * units)), (0.3, (4 * units,)))]
+    args = [tf.constant(a) for a in args]
+    weights = [tf.constant(rng.normal(0, 1, s).astype(np.float32))
+               for s in ((batch, steps, units), (batch, units), (batch, units))]
+
+    def run(compiled):
+        with tf.GradientTape() as tape:
+            tape.watch(args)
+            results = lstm_cpu.fused_lstm(*args, matmul_dtype=matmul_dtype, compiled=compiled)
+            loss = tf.add_n([tf.reduce_sum(r * w) for r, w in zip(results, weights)])
+        return list(results) + tape.gradient(loss, args)
+
+    expected, got = run(False), run(True)
+    tol = 1e-6 if matmul_dtype is None else 1e-3  # bf16: a changed rounding moves a bf16 product
+    for e, g in zip(expected, got):
+        assert rel_err(g, e) < tol
+    assert not np.array_equal(expected[0], got[0]), "both runs took the same path: nothing compared"
+
+
+def test_cell_ops_that_cannot_be_built_leave_one_note_and_tensorflow_ops(tmp_path):
+    """No compiler (or a failed build): one line saying so, and the same LSTM from TensorFlow's ops."""
+    script = textwrap.dedent("""
+        import numpy as np, tensorflow as tf
+        from charrnn import cell_ops, lstm_cpu
+        rng = np.random.default_rng(0)
+        args = [tf.constant(rng.normal(0, 0.3, s).astype(np.float32))
+                for s in ((2, 4, 3), (2, 8), (2, 8), (3, 32), (8, 32), (32,))]
+        first = lstm_cpu.fused_lstm(*args)[0]
+        second = lstm_cpu.fused_lstm(*args)[0]
+        assert cell_ops.load() is None
+        np.testing.assert_array_equal(first, lstm_cpu.fused_lstm(*args, compiled=False)[0])
+        print("ok")
+    """)
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "ok"
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("lstm_cpu:")]
+    assert len(notes) == 2, notes  # "compiling ... (once)" and the one reason it is unavailable
+    assert "compiled cell ops unavailable" in notes[1] and "no-such-compiler" in notes[1]
+    assert not list(tmp_path.glob("charrnn/ops/*/*.so"))  # no partial library left behind

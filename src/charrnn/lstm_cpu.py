@@ -32,6 +32,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from charrnn import cell_ops
+
 __all__ = ["fused_lstm", "install", "install_model", "uninstall", "is_installed", "eligible"]
 
 _ATTR = "_charrnn_fused_lstm_original_inner_loop"
@@ -40,7 +42,7 @@ _ATTR = "_charrnn_fused_lstm_original_inner_loop"
 # ---- the kernel --------------------------------------------------------------------------------
 
 
-def fused_lstm(inputs, h0, c0, kernel, recurrent_kernel, bias, matmul_dtype=None):
+def fused_lstm(inputs, h0, c0, kernel, recurrent_kernel, bias, matmul_dtype=None, compiled=True):
     """One LSTM layer over a whole sequence, Keras' weight layout and gate order (i, f, c, o).
 
     inputs [batch, time, in]; h0, c0 [batch, units]; kernel [in, 4u]; recurrent_kernel [u, 4u];
@@ -54,6 +56,11 @@ def fused_lstm(inputs, h0, c0, kernel, recurrent_kernel, bias, matmul_dtype=None
     (inputs and results cast, accumulation inside the matmul in float32) and keeps the gate
     arithmetic and the state in the dtype of ``inputs``; ``None`` runs everything in that dtype.
     :func:`install` uses it for layers whose compute dtype is bfloat16.
+
+    ``compiled`` runs the gate arithmetic of each step through the two compiled ops of
+    :mod:`charrnn.cell_ops` where they are available, the gates are float32 and XLA is not
+    compiling the caller (the same math in one op per step and direction instead of about 30);
+    False keeps TensorFlow's own ops.
     """
     dtype = inputs.dtype
     h0 = tf.cast(h0, dtype)
@@ -62,16 +69,26 @@ def fused_lstm(inputs, h0, c0, kernel, recurrent_kernel, bias, matmul_dtype=None
     recurrent_kernel = tf.cast(recurrent_kernel, dtype)
     bias = tf.cast(bias, dtype)
     mm_dtype = tf.as_dtype(matmul_dtype) if matmul_dtype is not None else dtype
-    return _make_fused(mm_dtype)(inputs, h0, c0, kernel, recurrent_kernel, bias)
+    ops = cell_ops.load() if compiled and dtype == tf.float32 and not _tracing_for_xla() else None
+    return _make_fused(mm_dtype, ops)(inputs, h0, c0, kernel, recurrent_kernel, bias)
+
+
+def _tracing_for_xla() -> bool:
+    """Whether the graph being built will be compiled by XLA (``jit_compile``): custom ops can't."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    except (ImportError, AttributeError):
+        return True  # cannot tell: TensorFlow's own ops are safe either way
 
 
 _FUSED_CACHE: dict = {}
 _PARALLEL_ITERATIONS = 1
 
 
-def _make_fused(mm_dtype):
-    if mm_dtype in _FUSED_CACHE:
-        return _FUSED_CACHE[mm_dtype]
+def _make_fused(mm_dtype, ops=None):
+    if (mm_dtype, ops) in _FUSED_CACHE:
+        return _FUSED_CACHE[mm_dtype, ops]
 
     @tf.custom_gradient
     def _fused(x, h0, c0, kernel, recurrent_kernel, bias):
@@ -102,8 +119,13 @@ def _make_fused(mm_dtype):
 
         # The forward step also computes, while its tensors are in cache, what the backward step
         # needs: dz = concat([dc, dc, dc, dh]) * factors, dc += dh * dh_to_dc, dc_prev = dc * f.
-        def forward_body(t, h, c, ta_h, ta_factors, ta_dh_to_dc, ta_f):
-            z = xz[t] + cast_back(tf.matmul(cast_mm(h), rk))
+        # Saved per step as one [B, 6u] tensor: factors [4u] | dh_to_dc [u] | f [u].
+        def forward_body(t, h, c, ta_h, ta_saved):
+            hu = cast_back(tf.matmul(cast_mm(h), rk))
+            if ops is not None:
+                h, c_new, saved = ops.charrnn_lstm_cell_forward(xz[t], hu, c)
+                return t + 1, h, c_new, ta_h.write(t, h), ta_saved.write(t, saved)
+            z = xz[t] + hu
             s = tf.sigmoid(z)
             g = tf.tanh(z[:, 2 * units:3 * units])
             i, f, _, o = tf.split(s, 4, axis=1)
@@ -111,16 +133,16 @@ def _make_fused(mm_dtype):
             tanh_c = tf.tanh(c_new)
             h = o * tanh_c
             ds = s - s * s  # sigmoid' of i, f, (unused), o
-            factors = tf.concat([g, c, i, tanh_c], axis=1) * tf.concat(
-                [ds[:, :2 * units], one - g * g, ds[:, 3 * units:]], axis=1)
-            dh_to_dc = o - h * tanh_c  # o * (1 - tanh(c)^2)
-            return (t + 1, h, c_new, ta_h.write(t, h), ta_factors.write(t, factors),
-                    ta_dh_to_dc.write(t, dh_to_dc), ta_f.write(t, f))
+            saved = tf.concat([tf.concat([g, c, i, tanh_c], axis=1) * tf.concat(
+                [ds[:, :2 * units], one - g * g, ds[:, 3 * units:]], axis=1),
+                o - h * tanh_c,  # dh_to_dc = o * (1 - tanh(c)^2)
+                f], axis=1)
+            return t + 1, h, c_new, ta_h.write(t, h), ta_saved.write(t, saved)
 
-        _, h_last, c_last, ta_h, ta_factors, ta_dh_to_dc, ta_f = tf.while_loop(
+        _, h_last, c_last, ta_h, ta_saved = tf.while_loop(
             lambda t, *_: t < steps,
             forward_body,
-            (tf.constant(0), h0, c0, ta(units), ta(4 * units), ta(units), ta(units)),
+            (tf.constant(0), h0, c0, ta(units), ta(6 * units)),
             parallel_iterations=_PARALLEL_ITERATIONS,
         )
         hs = ta_h.stack()                                                      # [T, B, u]
@@ -137,11 +159,16 @@ def _make_fused(mm_dtype):
             rk_t = tf.transpose(rk)
 
             def backward_body(t, dh_next, dc_next, ta_dz):
-                dh = d_hs[t] + dh_next
-                dc = dc_next + dh * ta_dh_to_dc.read(t)
-                dz = tf.concat([dc, dc, dc, dh], axis=1) * ta_factors.read(t)
+                saved = ta_saved.read(t)
+                if ops is not None:
+                    dz, dc_prev = ops.charrnn_lstm_cell_backward(d_hs[t], dh_next, dc_next, saved)
+                else:
+                    dh = d_hs[t] + dh_next
+                    dc = dc_next + dh * saved[:, 4 * units:5 * units]
+                    dz = tf.concat([dc, dc, dc, dh], axis=1) * saved[:, :4 * units]
+                    dc_prev = dc * saved[:, 5 * units:]
                 dh_prev = cast_back(tf.matmul(cast_mm(dz), rk_t))
-                return t - 1, dh_prev, dc * ta_f.read(t), ta_dz.write(t, dz)
+                return t - 1, dh_prev, dc_prev, ta_dz.write(t, dz)
 
             _, dh0, dc0, ta_dz = tf.while_loop(
                 lambda t, *_: t >= 0,
@@ -164,7 +191,7 @@ def _make_fused(mm_dtype):
 
         return (outputs, h_last, c_last), grad
 
-    _FUSED_CACHE[mm_dtype] = _fused
+    _FUSED_CACHE[mm_dtype, ops] = _fused
     return _fused
 
 
@@ -196,14 +223,15 @@ def is_installed(layer) -> bool:
     return _ATTR in layer.__dict__
 
 
-def install(layer, *, force: bool = False, matmul_dtype=None) -> bool:
+def install(layer, *, force: bool = False, matmul_dtype=None, compiled: bool = True) -> bool:
     """Make ``layer`` (a built or unbuilt ``keras.layers.LSTM``) run :func:`fused_lstm`.
 
     Only the instance's ``inner_loop`` is replaced (and ``supports_jit`` set, so that
     ``compile(jit_compile=True)`` keeps XLA on): class, config and weights are untouched. Returns
     True if installed. With a GPU visible nothing is done (cuDNN is used there) unless ``force``.
     Under a bfloat16 compute dtype the matmuls run in bfloat16 and the gates and state in float32
-    (``matmul_dtype`` overrides); outputs and states come back in the compute dtype.
+    (``matmul_dtype`` overrides); outputs and states come back in the compute dtype. ``compiled``
+    as in :func:`fused_lstm` (False: TensorFlow's ops only, for comparing the two).
     Install before ``model.compile`` (and before the first ``fit``/``predict``: an already traced
     function keeps the path it traced).
     """
@@ -227,11 +255,12 @@ def install(layer, *, force: bool = False, matmul_dtype=None) -> bool:
             # bfloat16 where it pays, float32 where precision matters: the cell state carried over
             # hundreds of steps and the gate arithmetic stay float32, the matmuls run in bfloat16.
             outputs, h, c = fused_lstm(tf.cast(sequences, tf.float32), h0, c0, cell.kernel,
-                                       cell.recurrent_kernel, cell.bias, matmul_dtype=tf.bfloat16)
+                                       cell.recurrent_kernel, cell.bias, matmul_dtype=tf.bfloat16,
+                                       compiled=compiled)
             outputs, h, c = (tf.cast(t, dtype) for t in (outputs, h, c))
         else:
             outputs, h, c = fused_lstm(sequences, h0, c0, cell.kernel, cell.recurrent_kernel,
-                                       cell.bias, matmul_dtype=matmul_dtype)
+                                       cell.bias, matmul_dtype=matmul_dtype, compiled=compiled)
         return h, outputs, [h, c]
 
     object.__setattr__(layer, _ATTR, (original, layer.supports_jit))

@@ -1,0 +1,94 @@
+"""The compiled LSTM cell ops of ``lstm_cpu_ops.cc``: built once per machine, loaded on demand.
+
+TensorFlow's pip package ships its headers and ``tf.sysconfig`` gives the flags to build ops
+against it, so the two small kernels are compiled here, on the user's machine, the first time a
+CPU training needs them (about half a minute), and cached beside the precision verdict
+(``~/.cache/charrnn/ops/<key>/``, the key covering the source, TensorFlow's version and the
+machine). Where there is no C++ compiler, or the build or load fails, :func:`load` returns None
+once with a one-line note and the fused LSTM runs its Python ops, which compute the same math.
+``CHARRNN_CELL_OPS=0`` turns the compiled ops off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("lstm_cpu_ops.cc")
+
+_loaded: dict = {}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "charrnn" / "ops"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def library_path() -> Path:
+    """Where this machine's build of the ops lives (it may not exist yet)."""
+    import tensorflow as tf
+
+    from charrnn.precision import machine_kind
+
+    key = hashlib.sha256(SOURCE.read_bytes() + machine_kind().encode() + tf.__version__.encode()
+                         + sys.version.encode()).hexdigest()[:16]
+    return cache_dir() / key / "charrnn_lstm_cell_ops.so"
+
+
+def build(target: Path) -> None:
+    """Compile the ops into ``target`` (written to a temporary name and renamed)."""
+    import tensorflow as tf
+
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build.", suffix=".so", dir=target.parent)
+    os.close(fd)
+    # Built for, and cached per, this kind of machine: -march=native, except AVX512-FP16, whose
+    # Eigen packet code GCC 12 cannot compile; a compiler that refuses those flags gets a plain -O3.
+    flags = [*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+    errors = []
+    try:
+        for machine in (["-march=native", "-mno-avx512fp16"], []):
+            command = [compiler, "-shared", "-fPIC", "-O3", "-w", *machine, str(SOURCE), "-o", tmp, *flags]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(tmp, target)
+                return
+            lines = result.stderr.strip().splitlines()
+            errors.append(next((line for line in lines if "error" in line), lines[-1] if lines else "no message"))
+        raise RuntimeError(f"{Path(compiler).name} failed: {errors[-1].strip()}")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load():
+    """The loaded op module (``.charrnn_lstm_cell_forward``/``_backward``), or None if unavailable."""
+    if "module" in _loaded:
+        return _loaded["module"]
+    module = None
+    if os.environ.get("CHARRNN_CELL_OPS", "1") != "0":
+        import tensorflow as tf
+
+        try:
+            path = library_path()
+            if not path.exists():
+                print("lstm_cpu: compiling the LSTM cell ops for this machine (once)", file=sys.stderr, flush=True)
+                build(path)
+            module = tf.load_op_library(str(path))
+        except Exception as error:  # any failure: the Python ops compute the same thing
+            print(f"lstm_cpu: compiled cell ops unavailable ({error}); using TensorFlow ops",
+                  file=sys.stderr, flush=True)
+            module = None
+    _loaded["module"] = module
+    return module
