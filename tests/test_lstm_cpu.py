@@ -368,17 +368,18 @@ def compiled_ops():
         pytest.skip("the cell ops could not be built here (see the note on stderr)")
 
 
-@pytest.mark.parametrize("matmul_dtype", [None, tf.bfloat16])
-def test_compiled_cell_ops_match_tensorflow_ops(compiled_ops, matmul_dtype):
+# Measured: float32 1e-7 to 3e-7 (vectorised sigmoid/tanh round differently); with bfloat16 matmuls
+# outputs and all other gradients 0 to 7e-8 and the bias gradient 9e-4 (it now sums the rounded
+# dz the ops hand to the matmuls, as the kernel gradients always did). A wrong factor: ~1e-1.
+@pytest.mark.parametrize("matmul_dtype,tol", [(None, 1e-6), (tf.bfloat16, 2e-3)])
+def test_compiled_cell_ops_match_tensorflow_ops(compiled_ops, matmul_dtype, tol):
     """The two compiled kernels compute what the loop's TensorFlow ops compute: outputs, states and
-    every gradient, float32 and with bfloat16 matmuls (measured ~1e-7 relative: vectorised
-    sigmoid/tanh round differently; a wrong factor or gate is off by order 1e-1)."""
+    every gradient, in float32 and with bfloat16 matmuls."""
     rng = np.random.default_rng(5)
     units, n_in, batch, steps = 48, 12, 5, 9
-    args = [rng.normal(0, s, shape).astype(np.float32) for s, shape in (
+    args = [tf.constant(rng.normal(0, s, shape).astype(np.float32)) for s, shape in (
         (1, (batch, steps, n_in)), (0.5, (batch, units)), (0.5, (batch, units)),
         (0.3, (n_in, 4 * units)), (0.3, (units, 4 * units)), (0.3, (4 * units,)))]
-    args = [tf.constant(a) for a in args]
     weights = [tf.constant(rng.normal(0, 1, s).astype(np.float32))
                for s in ((batch, steps, units), (batch, units), (batch, units))]
 
@@ -386,14 +387,16 @@ def test_compiled_cell_ops_match_tensorflow_ops(compiled_ops, matmul_dtype):
         with tf.GradientTape() as tape:
             tape.watch(args)
             results = lstm_cpu.fused_lstm(*args, matmul_dtype=matmul_dtype, compiled=compiled)
+            if matmul_dtype is not None:  # as install() returns them: in the compute dtype
+                results = [tf.cast(tf.cast(r, matmul_dtype), tf.float32) for r in results]
             loss = tf.add_n([tf.reduce_sum(r * w) for r, w in zip(results, weights)])
         return list(results) + tape.gradient(loss, args)
 
     expected, got = run(False), run(True)
-    tol = 1e-6 if matmul_dtype is None else 1e-3  # bf16: a changed rounding moves a bf16 product
-    for e, g in zip(expected, got):
-        assert rel_err(g, e) < tol
-    assert not np.array_equal(expected[0], got[0]), "both runs took the same path: nothing compared"
+    errors = [rel_err(g, e) for e, g in zip(expected, got)]
+    print("relative errors:", ", ".join(f"{e:.1e}" for e in errors))
+    assert max(errors) < tol
+    assert max(errors) > 0, "both runs took the same path: nothing was compared"
 
 
 def test_cell_ops_that_cannot_be_built_leave_one_note_and_tensorflow_ops(tmp_path):

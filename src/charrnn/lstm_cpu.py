@@ -114,18 +114,21 @@ def _make_fused(mm_dtype, ops=None):
                         [steps, batch, 4 * units])                             # [T, B, 4u]
         rk = cast_mm(recurrent_kernel)
 
-        def ta(width):
-            return tf.TensorArray(dtype, size=steps, element_shape=tf.TensorShape([None, width]))
+        # The compiled ops take and give the tensors that meet a matmul (h forward; dh, dz
+        # backward) in the matmul dtype, rounded as a cast would: no cast ops in the loop.
+        hdtype = mm_dtype if ops is not None else dtype
+
+        def ta(width, ta_dtype=dtype):
+            return tf.TensorArray(ta_dtype, size=steps, element_shape=tf.TensorShape([None, width]))
 
         # The forward step also computes, while its tensors are in cache, what the backward step
         # needs: dz = concat([dc, dc, dc, dh]) * factors, dc += dh * dh_to_dc, dc_prev = dc * f.
         # Saved per step as one [B, 6u] tensor: factors [4u] | dh_to_dc [u] | f [u].
         def forward_body(t, h, c, ta_h, ta_saved):
-            hu = cast_back(tf.matmul(cast_mm(h), rk))
             if ops is not None:
-                h, c_new, saved = ops.charrnn_lstm_cell_forward(xz[t], hu, c)
+                h, c_new, saved = ops.charrnn_lstm_cell_forward(xz[t], tf.matmul(h, rk), c)
                 return t + 1, h, c_new, ta_h.write(t, h), ta_saved.write(t, saved)
-            z = xz[t] + hu
+            z = xz[t] + cast_back(tf.matmul(cast_mm(h), rk))
             s = tf.sigmoid(z)
             g = tf.tanh(z[:, 2 * units:3 * units])
             i, f, _, o = tf.split(s, 4, axis=1)
@@ -142,11 +145,12 @@ def _make_fused(mm_dtype, ops=None):
         _, h_last, c_last, ta_h, ta_saved = tf.while_loop(
             lambda t, *_: t < steps,
             forward_body,
-            (tf.constant(0), h0, c0, ta(units), ta(6 * units)),
+            (tf.constant(0), tf.cast(h0, hdtype), c0, ta(units, hdtype), ta(6 * units)),
             parallel_iterations=_PARALLEL_ITERATIONS,
         )
         hs = ta_h.stack()                                                      # [T, B, u]
-        outputs = tf.transpose(hs, [1, 0, 2])
+        outputs = tf.transpose(tf.cast(hs, dtype), [1, 0, 2])
+        h_last = tf.cast(h_last, dtype)
 
         def grad(d_outputs, d_h_last, d_c_last):
             zeros = tf.zeros_like(h0)
@@ -162,20 +166,20 @@ def _make_fused(mm_dtype, ops=None):
                 saved = ta_saved.read(t)
                 if ops is not None:
                     dz, dc_prev = ops.charrnn_lstm_cell_backward(d_hs[t], dh_next, dc_next, saved)
-                else:
-                    dh = d_hs[t] + dh_next
-                    dc = dc_next + dh * saved[:, 4 * units:5 * units]
-                    dz = tf.concat([dc, dc, dc, dh], axis=1) * saved[:, :4 * units]
-                    dc_prev = dc * saved[:, 5 * units:]
+                    return t - 1, tf.matmul(dz, rk_t), dc_prev, ta_dz.write(t, dz)
+                dh = d_hs[t] + dh_next
+                dc = dc_next + dh * saved[:, 4 * units:5 * units]
+                dz = tf.concat([dc, dc, dc, dh], axis=1) * saved[:, :4 * units]
                 dh_prev = cast_back(tf.matmul(cast_mm(dz), rk_t))
-                return t - 1, dh_prev, dc_prev, ta_dz.write(t, dz)
+                return t - 1, dh_prev, dc * saved[:, 5 * units:], ta_dz.write(t, dz)
 
             _, dh0, dc0, ta_dz = tf.while_loop(
                 lambda t, *_: t >= 0,
                 backward_body,
-                (steps - 1, d_h_last, d_c_last, ta(4 * units)),
+                (steps - 1, tf.cast(d_h_last, hdtype), d_c_last, ta(4 * units, hdtype)),
                 parallel_iterations=_PARALLEL_ITERATIONS,
             )
+            dh0 = tf.cast(dh0, dtype)
             dz_all = ta_dz.stack()                                             # [T, B, 4u]
             dz_flat = tf.reshape(dz_all, [-1, 4 * units])
             d_kernel = mm(tf.reshape(xt, [-1, n_in]), dz_flat, transpose_a=True)
@@ -183,7 +187,7 @@ def _make_fused(mm_dtype, ops=None):
             d_recurrent = mm(h0, dz_all[0], transpose_a=True) + mm(
                 tf.reshape(hs[:-1], [-1, units]), tf.reshape(dz_all[1:], [-1, 4 * units]),
                 transpose_a=True)
-            d_bias = tf.reduce_sum(dz_flat, axis=0)
+            d_bias = tf.reduce_sum(tf.cast(dz_flat, dtype), axis=0)
             d_x = tf.transpose(
                 tf.reshape(mm(dz_flat, kernel, transpose_b=True), [steps, batch, n_in]),
                 [1, 0, 2])
