@@ -14,14 +14,16 @@ Prints one JSON object on stdout (progress goes to stderr). What it measures, in
   shapes include an eager call's dispatch cost) and, for the recurrent shapes, 100 per call in a
   graph loop (``*_in_graph_loop``: what the fused LSTM's while loop gets per step);
 * per config, tokens/s of Keras training (the pipeline's ``build_model``/``compile_model``, the
-  compiled ``model.fit`` train step) for {stock LSTM, fused LSTM (``lstm_cpu.install_model``)} x
+  compiled ``model.fit`` train step) for {stock LSTM, fused LSTM with TensorFlow's ops for the gate
+  arithmetic (``fused_tfops``), fused LSTM with the compiled cell ops (``fused``, what the pipeline
+  trains with; ``lstm_cpu.install_model``)} x
   {float32, mixed_bfloat16} x {one in-memory batch repeated, the pipeline's TFRecord stream
   (``charrnn.batches.training_dataset`` over shards written from a small corpus)};
 * per config, a PyTorch reference of the same shape (Embedding -> nn.LSTM(batch_first) -> Linear,
   Adam, CrossEntropy) in fp32 and under bf16 autocast, on one in-memory batch; the ratios
   fused/torch and stock/torch use the PyTorch fp32 figure of the same run;
 * op determinism (``tf.config.experimental.enable_op_determinism``, what the pipeline trains with
-  by default): fp32 stock and fused on the TFRecord stream, in child processes alternating plain /
+  by default): fp32 stock, fused_tfops and fused on the TFRecord stream, in child processes alternating plain /
   deterministic for ``--determinism-rounds`` rounds, so that drift on a noisy machine hits both.
 
 Method: every measurement runs in a child process (TensorFlow's and PyTorch's thread pools fight
