@@ -10,7 +10,11 @@ function with a hand-written gradient (``tf.custom_gradient``):
   gates and the cell states;
 * backward: the loop computes only the gate gradients and ``dz @ recurrent_kernel^T``, one step at
   a time; the gradients of the kernel, the recurrent kernel and the bias, and of the inputs, are
-  then single big matmuls (or one sum) over all timesteps at once.
+  then single big matmuls (or one sum) over all timesteps at once;
+* each step's gate arithmetic, forward and backward, runs in one compiled op
+  (``lstm_cpu_ops.cc``, built on first use by :mod:`charrnn.cell_ops`) instead of about 30
+  TensorFlow ops, whose dispatch is what a step of a small model waits on; where the ops cannot
+  be built, and under XLA, the same math runs on TensorFlow's ops.
 
 :func:`install` makes an existing layer use it without changing the layer's class, config or
 weights (it overrides the instance attribute ``inner_loop``, the hook ``LSTM.call`` goes through),
@@ -157,7 +161,7 @@ def _make_fused(mm_dtype, ops=None):
             d_h_last = zeros if d_h_last is None else tf.cast(d_h_last, dtype)
             d_c_last = zeros if d_c_last is None else tf.cast(d_c_last, dtype)
             if d_outputs is None:
-                d_hs = tf.zeros_like(hs)
+                d_hs = tf.zeros(tf.shape(hs), dtype)  # hs may be in the matmul dtype
             else:
                 d_hs = tf.transpose(tf.cast(d_outputs, dtype), [1, 0, 2])      # [T, B, u]
             rk_t = tf.transpose(rk)
