@@ -25,8 +25,9 @@ _loaded: dict = {}
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "charrnn" / "ops"
+    from charrnn.precision import cache_file
+
+    return cache_file().parent / "ops"  # beside the precision verdict
 
 
 def _compiler() -> str | None:
@@ -35,12 +36,10 @@ def _compiler() -> str | None:
 
 def library_path() -> Path:
     """Where this machine's build of the ops lives (it may not exist yet)."""
-    import tensorflow as tf
-
     from charrnn.precision import machine_kind
 
-    key = hashlib.sha256(SOURCE.read_bytes() + machine_kind().encode() + tf.__version__.encode()
-                         + sys.version.encode()).hexdigest()[:16]
+    # machine_kind() names the processor, its flags and TensorFlow's version
+    key = hashlib.sha256(SOURCE.read_bytes() + machine_kind().encode() + sys.version.encode()).hexdigest()[:16]
     return cache_dir() / key / "charrnn_lstm_cell_ops.so"
 
 
