@@ -15,15 +15,16 @@ Prints one JSON object on stdout (progress goes to stderr). What it measures, in
   graph loop (``*_in_graph_loop``: what the fused LSTM's while loop gets per step);
 * per config, tokens/s of Keras training (the pipeline's ``build_model``/``compile_model``, the
   compiled ``model.fit`` train step) for {stock LSTM, fused LSTM with TensorFlow's ops for the gate
-  arithmetic (``fused_tfops``), fused LSTM with the compiled cell ops (``fused``, what the pipeline
-  trains with; ``lstm_cpu.install_model``)} x
+  arithmetic (``fused_tfops``), fused LSTM with the compiled per-step cell ops (``fused_cell``), fused
+  LSTM as the pipeline trains with it (``fused``: ``lstm_cpu.install_model``, the compiled
+  whole-sequence ops where they apply)} x
   {float32, mixed_bfloat16} x {one in-memory batch repeated, the pipeline's TFRecord stream
   (``charrnn.batches.training_dataset`` over shards written from a small corpus)};
 * per config, a PyTorch reference of the same shape (Embedding -> nn.LSTM(batch_first) -> Linear,
   Adam, CrossEntropy) in fp32 and under bf16 autocast, on one in-memory batch; the ratios
   fused/torch and stock/torch use the PyTorch fp32 figure of the same run;
 * op determinism (``tf.config.experimental.enable_op_determinism``, what the pipeline trains with
-  by default): fp32 stock, fused_tfops and fused on the TFRecord stream, in child processes alternating plain /
+  by default): fp32 stock, fused_tfops, fused_cell and fused on the TFRecord stream, in child processes alternating plain /
   deterministic for ``--determinism-rounds`` rounds, so that drift on a noisy machine hits both.
 
 Method: every measurement runs in a child process (TensorFlow's and PyTorch's thread pools fight
@@ -65,8 +66,11 @@ LOOP = 100  # matmuls per graph call in the in-loop matmul rate
 # name: (embedding, units, batch, default timed steps per repeat)
 CONFIGS = {"seed": (256, 1024, 64, 1), "cpu": (64, 384, 32, 4)}
 BIG_SQUARE = (2048, 2048, 2048)
-# fused_tfops: the fused kernel with TensorFlow's ops for the gate arithmetic (its baseline)
-LSTMS = ("stock", "fused_tfops", "fused")
+# fused_tfops: the fused kernel with TensorFlow's ops for the gate arithmetic; fused_cell: with the
+# compiled per-step cell ops; fused: what the pipeline trains with (the compiled whole-sequence ops
+# where they apply, else fused_cell)
+LSTMS = ("stock", "fused_tfops", "fused_cell", "fused")
+COMPILED = {"fused_tfops": False, "fused_cell": "cell", "fused": True}
 PRECISIONS = ("float32", "mixed_bfloat16")
 DATA = ("memory", "tfrecord")
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
@@ -234,7 +238,7 @@ def child_keras(args) -> dict:
             keras.utils.set_random_seed(42)
             model = build_model(vocab, embedding, units, precision=precision)
             if lstm.startswith("fused"):
-                installed = lstm_cpu.install_model(model, compiled=lstm == "fused")
+                installed = lstm_cpu.install_model(model, compiled=COMPILED[lstm])
                 if installed != 1:
                     raise SystemExit(f"lstm_cpu.install_model installed {installed} layers, expected 1")
             compile_model(model, 1e-3)
@@ -391,6 +395,9 @@ def measure_config(name: str, args, with_torch: bool) -> dict:
     # what the compiled cell ops (charrnn.cell_ops) add to the fused kernel
     result["compiled_over_tfops"] = {f"{p}/{d}": round(k["fused"][p][d]["tokens_per_s"] / k["fused_tfops"][p][d]["tokens_per_s"], 3)
                                      for p in PRECISIONS for d in DATA}
+    # what running the whole recurrence in one compiled op adds to the per-step cell ops
+    result["sequence_over_cell"] = {f"{p}/{d}": round(k["fused"][p][d]["tokens_per_s"] / k["fused_cell"][p][d]["tokens_per_s"], 3)
+                                    for p in PRECISIONS for d in DATA}
     result["tfrecord_over_memory"] = {f"{lstm}/{p}": round(k[lstm][p]["tfrecord"]["tokens_per_s"] / k[lstm][p]["memory"]["tokens_per_s"], 3)
                                       for lstm in LSTMS for p in PRECISIONS}
     return result

@@ -1,7 +1,8 @@
-"""The compiled LSTM cell ops of ``lstm_cpu_ops.cc``: built once per machine, loaded on demand.
+"""The compiled LSTM ops of ``lstm_cpu_ops.cc``: built once per machine, loaded on demand.
 
 TensorFlow's pip package ships its headers and ``tf.sysconfig`` gives the flags to build ops
-against it, so the two small kernels are compiled here, on the user's machine, the first time a
+against it, so the kernels (one LSTM step's gate arithmetic per direction, and the whole
+recurrence per direction) are compiled here, on the user's machine, the first time a
 CPU training needs them (about half a minute), and cached beside the precision verdict
 (``~/.cache/charrnn/ops/<key>/``, the key covering the source, TensorFlow's version and the
 machine). Where there is no C++ compiler, or the build or load fails, :func:`load` returns None
@@ -91,3 +92,25 @@ def load():
             module = None
     _loaded["module"] = module
     return module
+
+
+def runs_sequence(module, matmul_dtype) -> bool:
+    """Whether ``module`` (from :func:`load`) has the whole-sequence ops for ``matmul_dtype``:
+    float32 always; bfloat16 where the build targets AVX512-BF16 (its kernels are registered only
+    there, so one tiny call tells)."""
+    import tensorflow as tf
+
+    if module is None or matmul_dtype not in (tf.float32, tf.bfloat16):
+        return False
+    if matmul_dtype == tf.float32:
+        return True
+    if "sequence_bfloat16" not in _loaded:
+        try:
+            with tf.init_scope():  # eager, even when called while a function is traced
+                one = tf.ones([1, 16], tf.bfloat16)
+                module.charrnn_lstm_sequence_forward(tf.zeros([1, 1, 64]), tf.ones([16, 64], tf.bfloat16),
+                                                     one, tf.zeros([1, 16]))
+            _loaded["sequence_bfloat16"] = True
+        except tf.errors.NotFoundError:  # no bfloat16 kernel in this build
+            _loaded["sequence_bfloat16"] = False
+    return _loaded["sequence_bfloat16"]

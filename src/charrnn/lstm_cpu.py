@@ -11,10 +11,13 @@ function with a hand-written gradient (``tf.custom_gradient``):
 * backward: the loop computes only the gate gradients and ``dz @ recurrent_kernel^T``, one step at
   a time; the gradients of the kernel, the recurrent kernel and the bias, and of the inputs, are
   then single big matmuls (or one sum) over all timesteps at once;
-* each step's gate arithmetic, forward and backward, runs in one compiled op
-  (``lstm_cpu_ops.cc``, built on first use by :mod:`charrnn.cell_ops`) instead of about 30
-  TensorFlow ops, whose dispatch is what a step of a small model waits on; where the ops cannot
-  be built, and under XLA, the same math runs on TensorFlow's ops.
+* the recurrence itself runs in compiled ops (``lstm_cpu_ops.cc``, built on first use by
+  :mod:`charrnn.cell_ops`): where units are a multiple of 16, the whole loop (its matmuls with the
+  recurrent kernel and the gate arithmetic of every step) in one op per direction, with no
+  TensorFlow op per timestep at all (bfloat16 matmuls need a build for AVX512-BF16); otherwise
+  each step's gate arithmetic in one op instead of about 30 TensorFlow ops, whose dispatch is what
+  a step of a small model waits on. Where the ops cannot be built, and under XLA, the same math
+  runs on TensorFlow's ops.
 
 :func:`install` makes an existing layer use it without changing the layer's class, config or
 weights (it overrides the instance attribute ``inner_loop``, the hook ``LSTM.call`` goes through),
@@ -61,10 +64,12 @@ def fused_lstm(inputs, h0, c0, kernel, recurrent_kernel, bias, matmul_dtype=None
     arithmetic and the state in the dtype of ``inputs``; ``None`` runs everything in that dtype.
     :func:`install` uses it for layers whose compute dtype is bfloat16.
 
-    ``compiled`` runs the gate arithmetic of each step through the two compiled ops of
-    :mod:`charrnn.cell_ops` where they are available, the gates are float32 and XLA is not
-    compiling the caller (the same math in one op per step and direction instead of about 30);
-    False keeps TensorFlow's own ops.
+    ``compiled`` uses the compiled ops of :mod:`charrnn.cell_ops` where they are available, the
+    gates are float32 and XLA is not compiling the caller: ``True`` (or ``"sequence"``) runs the
+    whole recurrence, matmuls included, in one op per direction where everything is float32 and
+    ``units`` is a multiple of 16, else each step's gate arithmetic in one op (the same math in one
+    op per step and direction instead of about 30); ``"cell"`` always the latter; False keeps
+    TensorFlow's own ops.
     """
     dtype = inputs.dtype
     h0 = tf.cast(h0, dtype)
@@ -73,8 +78,11 @@ def fused_lstm(inputs, h0, c0, kernel, recurrent_kernel, bias, matmul_dtype=None
     recurrent_kernel = tf.cast(recurrent_kernel, dtype)
     bias = tf.cast(bias, dtype)
     mm_dtype = tf.as_dtype(matmul_dtype) if matmul_dtype is not None else dtype
+    if compiled not in (True, False, "sequence", "cell"):
+        raise ValueError(f"compiled must be True, False, 'sequence' or 'cell', not {compiled!r}")
     ops = cell_ops.load() if compiled and dtype == tf.float32 and not _tracing_for_xla() else None
-    return _make_fused(mm_dtype, ops)(inputs, h0, c0, kernel, recurrent_kernel, bias)
+    fused = _make_fused(mm_dtype, ops, sequence=compiled in (True, "sequence"))
+    return fused(inputs, h0, c0, kernel, recurrent_kernel, bias)
 
 
 def _tracing_for_xla() -> bool:
@@ -90,9 +98,10 @@ _FUSED_CACHE: dict = {}
 _PARALLEL_ITERATIONS = 1
 
 
-def _make_fused(mm_dtype, ops=None):
-    if (mm_dtype, ops) in _FUSED_CACHE:
-        return _FUSED_CACHE[mm_dtype, ops]
+def _make_fused(mm_dtype, ops=None, sequence=False):
+    key = (mm_dtype, ops, sequence)
+    if key in _FUSED_CACHE:
+        return _FUSED_CACHE[key]
 
     @tf.custom_gradient
     def _fused(x, h0, c0, kernel, recurrent_kernel, bias):
@@ -102,6 +111,7 @@ def _make_fused(mm_dtype, ops=None):
         batch = tf.shape(x)[0]
         steps = tf.shape(x)[1]
         one = tf.constant(1, dtype)
+        sequence_ops = sequence and cell_ops.runs_sequence(ops, mm_dtype) and units % 16 == 0
 
         def cast_mm(t):
             return t if mm_dtype == dtype else tf.cast(t, mm_dtype)
@@ -146,13 +156,18 @@ def _make_fused(mm_dtype, ops=None):
                 f], axis=1)
             return t + 1, h, c_new, ta_h.write(t, h), ta_saved.write(t, saved)
 
-        _, h_last, c_last, ta_h, ta_saved = tf.while_loop(
-            lambda t, *_: t < steps,
-            forward_body,
-            (tf.constant(0), tf.cast(h0, hdtype), c0, ta(units, hdtype), ta(6 * units)),
-            parallel_iterations=_PARALLEL_ITERATIONS,
-        )
-        hs = ta_h.stack()                                                      # [T, B, u]
+        if sequence_ops:
+            # The whole recurrence in one compiled op (matmuls included); no TensorFlow loop.
+            hs, c_last, saved_all = ops.charrnn_lstm_sequence_forward(xz, rk, tf.cast(h0, hdtype), c0)
+            h_last = hs[-1]
+        else:
+            _, h_last, c_last, ta_h, saved_all = tf.while_loop(
+                lambda t, *_: t < steps,
+                forward_body,
+                (tf.constant(0), tf.cast(h0, hdtype), c0, ta(units, hdtype), ta(6 * units)),
+                parallel_iterations=_PARALLEL_ITERATIONS,
+            )
+            hs = ta_h.stack()                                                  # [T, B, u]
         outputs = tf.transpose(tf.cast(hs, dtype), [1, 0, 2])
         h_last = tf.cast(h_last, dtype)
 
@@ -164,10 +179,14 @@ def _make_fused(mm_dtype, ops=None):
                 d_hs = tf.zeros(tf.shape(hs), dtype)  # hs may be in the matmul dtype
             else:
                 d_hs = tf.transpose(tf.cast(d_outputs, dtype), [1, 0, 2])      # [T, B, u]
+            if sequence_ops:
+                dz_all, dh0, dc0 = ops.charrnn_lstm_sequence_backward(d_hs, d_h_last, d_c_last,
+                                                                     saved_all, rk)
+                return weight_gradients(dz_all, dh0, dc0)
             rk_t = tf.transpose(rk)
 
             def backward_body(t, dh_next, dc_next, ta_dz):
-                saved = ta_saved.read(t)
+                saved = saved_all.read(t)
                 if ops is not None:
                     dz, dc_prev = ops.charrnn_lstm_cell_backward(d_hs[t], dh_next, dc_next, saved)
                     return t - 1, tf.matmul(dz, rk_t), dc_prev, ta_dz.write(t, dz)
@@ -183,8 +202,10 @@ def _make_fused(mm_dtype, ops=None):
                 (steps - 1, tf.cast(d_h_last, hdtype), d_c_last, ta(4 * units, hdtype)),
                 parallel_iterations=_PARALLEL_ITERATIONS,
             )
+            return weight_gradients(ta_dz.stack(), dh0, dc0)
+
+        def weight_gradients(dz_all, dh0, dc0):                                 # dz_all [T, B, 4u]
             dh0 = tf.cast(dh0, dtype)
-            dz_all = ta_dz.stack()                                             # [T, B, 4u]
             dz_flat = tf.reshape(dz_all, [-1, 4 * units])
             d_kernel = mm(tf.reshape(xt, [-1, n_in]), dz_flat, transpose_a=True)
             # sum_t h_{t-1}^T dz_t, without building the shifted copy of the hidden states
@@ -199,7 +220,7 @@ def _make_fused(mm_dtype, ops=None):
 
         return (outputs, h_last, c_last), grad
 
-    _FUSED_CACHE[mm_dtype, ops] = _fused
+    _FUSED_CACHE[key] = _fused
     return _fused
 
 

@@ -12,7 +12,10 @@
 // lstm_cpu.py compiles this file once per machine with the C++ compiler and TensorFlow's own
 // headers (tf.sysconfig) and falls back to the Python ops when that is not possible.
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -206,4 +209,378 @@ class LstmCellBackward : public OpKernel {
       LstmCellBackward<T>);
 REGISTER(float)
 REGISTER(tensorflow::bfloat16)
+#undef REGISTER
+
+// ---- the whole recurrence in one op per direction ---------------------------------------------
+//
+// Why: with the per-step ops above, each timestep still runs about ten TensorFlow ops (the
+// recurrent matmul, the cell op, slices, TensorArray reads and writes, the loop's control), and at
+// the CPU-sized model's shapes their dispatch costs as much as the arithmetic. These two ops run
+// the whole loop, forward or backward, inside one kernel: per timestep one parallel pass over
+// (row block, unit block) tiles, each tile a small matrix product with the recurrent kernel
+// followed at once, while the products are still in registers, by that tile's gate arithmetic.
+// The recurrent kernel is packed once per call into the tiles' order (for the forward pass the
+// four gates of a block of units side by side), so each step's product streams it contiguously.
+// Every output element is computed by one thread in a fixed order: results do not depend on how
+// the tiles are split over threads. Tmm is the type of the tensors that meet the recurrent matmul
+// (h forward, dz backward, and the kernel): float32, or bfloat16 where the compiler targets
+// AVX512-BF16 (products summed in float32 by vdpbf16ps, as oneDNN's bf16 matmul sums them).
+// Units must be a multiple of 16 (lstm_cpu.py uses the per-step ops otherwise).
+
+namespace {
+
+using Packet = Eigen::internal::packet_traits<float>::type;
+using tensorflow::bfloat16;
+constexpr int kLanes = Eigen::internal::unpacket_traits<Packet>::size;
+constexpr int kForwardRows = kLanes >= 16 ? 6 : 2;   // row tile: accumulators fit the registers
+constexpr int kBackwardRows = kLanes >= 16 ? 8 : 3;
+constexpr int kBackwardVectors = 2;
+#if defined(__AVX512BF16__)
+constexpr bool kBfloat16Products = true;
+#else
+constexpr bool kBfloat16Products = false;
+#endif
+
+template <typename T>
+constexpr int kPair = std::is_same<T, float>::value ? 1 : 2;  // k values per lane in a panel
+
+inline Packet Load(const float* p) { return Eigen::internal::ploadu<Packet>(p); }
+inline void Store(float* p, Packet x) { Eigen::internal::pstoreu<float>(p, x); }
+inline void Store(bfloat16* p, Packet x) {
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+#else
+  float tmp[kLanes];
+  Store(tmp, x);
+  for (int i = 0; i < kLanes; ++i) p[i] = bfloat16(tmp[i]);
+#endif
+}
+inline Packet Broadcast(float x) { return Eigen::internal::pset1<Packet>(x); }
+inline Packet Sigmoid(Packet x) { return Eigen::internal::scalar_logistic_op<float>().packetOp(x); }
+inline Packet Tanh(Packet x) { return Eigen::internal::ptanh(x); }
+
+// Packs columns [col0, col0 + width) of a row-major [depth, ld] matrix m (or of its transpose,
+// when transposed: m is [width.., depth] then) into panel[k / P][v][lane][k % P], P = kPair<T>.
+template <typename T>
+void PackPanel(const T* m, int64_t ld, bool transposed, int64_t depth, const int64_t* cols,
+               int64_t vectors, T* panel) {
+  constexpr int P = kPair<T>;
+  for (int64_t k = 0; k < depth; ++k)
+    for (int64_t v = 0; v < vectors; ++v)
+      for (int64_t lane = 0; lane < kLanes; ++lane) {
+        const int64_t col = cols[v] + lane;
+        panel[((k / P * vectors + v) * kLanes + lane) * P + k % P] = transposed ? m[col * ld + k] : m[k * ld + col];
+      }
+}
+
+// acc[r][v] += sum_k a[r * lda + k] * (column v * kLanes + lane of the packed panel)
+template <int R, int NV>
+inline void TileProduct(const float* a, int64_t lda, const float* panel, int64_t depth, Packet (&acc)[R][NV]) {
+  for (int64_t k = 0; k < depth; ++k) {
+    Packet b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) b[v] = Load(panel + (k * NV + v) * kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const Packet x = Broadcast(a[r * lda + k]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = Eigen::internal::pmadd(x, b[v], acc[r][v]);
+    }
+  }
+}
+
+template <int R, int NV>
+inline void TileProduct(const bfloat16* a, int64_t lda, const bfloat16* panel, int64_t depth, Packet (&acc)[R][NV]) {
+#if defined(__AVX512BF16__)
+  for (int64_t k = 0; k < depth; k += 2) {
+    __m512bh b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      b[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(panel + (k * NV + 2 * v) * kLanes));
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + k, sizeof pair);
+      const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, b[v]);
+    }
+  }
+#endif  // not registered without AVX512-BF16
+}
+
+// The batch's rows split into row_tiles(kRows) tiles of as equal sizes as can be (32 rows with
+// kRows 6: 6, 6, 5, 5, 5, 5; no short tile left over). ForRowTile runs fn(R, row0), R a
+// std::integral_constant, for tile `tile`.
+inline int64_t RowTiles(int64_t rows, int k_rows) { return (rows + k_rows - 1) / k_rows; }
+
+template <int kRows, typename Fn>
+inline void ForRowTile(int64_t tile, int64_t rows, Fn&& fn) {
+  const int64_t tiles = RowTiles(rows, kRows);
+  const int64_t row0 = tile * rows / tiles, row1 = (tile + 1) * rows / tiles;
+  switch (row1 - row0) {
+#define CASE(k) case k: if constexpr (k <= kRows) fn(std::integral_constant<int, k>{}, row0); break;
+    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+    default: break;
+  }
+}
+
+absl::Status SequenceForwardShape(InferenceContext* c) {
+  // xz [T, B, 4U], rk [U, 4U], h0 [B, U], c0 [B, U] -> hs [T, B, U], c_last [B, U], saved [T, B, 6U]
+  DimensionHandle steps = c->Dim(c->input(0), 0);
+  DimensionHandle batch = c->Dim(c->input(3), 0);
+  DimensionHandle units = c->Dim(c->input(3), 1);
+  DimensionHandle six_units;
+  TF_RETURN_IF_ERROR(c->Multiply(units, 6, &six_units));
+  c->set_output(0, c->MakeShape({steps, batch, units}));
+  c->set_output(1, c->Matrix(batch, units));
+  c->set_output(2, c->MakeShape({steps, batch, six_units}));
+  return absl::OkStatus();
+}
+
+absl::Status SequenceBackwardShape(InferenceContext* c) {
+  // d_hs [T, B, U], dh_last, dc_last [B, U], saved [T, B, 6U], rk [U, 4U] -> dz [T, B, 4U], dh0, dc0
+  DimensionHandle steps = c->Dim(c->input(0), 0);
+  DimensionHandle batch = c->Dim(c->input(0), 1);
+  DimensionHandle units = c->Dim(c->input(0), 2);
+  DimensionHandle four_units;
+  TF_RETURN_IF_ERROR(c->Multiply(units, 4, &four_units));
+  c->set_output(0, c->MakeShape({steps, batch, four_units}));
+  c->set_output(1, c->Matrix(batch, units));
+  c->set_output(2, c->Matrix(batch, units));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("CharrnnLstmSequenceForward")
+    .Attr("Tmm: {float, bfloat16}")
+    .Input("xz: float")
+    .Input("recurrent_kernel: Tmm")
+    .Input("h0: Tmm")
+    .Input("c0: float")
+    .Output("hs: Tmm")
+    .Output("c_last: float")
+    .Output("saved: float")
+    .SetShapeFn(SequenceForwardShape)
+    .Doc(R"doc(
+The LSTM recurrence over all timesteps: z_t = xz[t] + h_{t-1} @ recurrent_kernel, then the gates
+as CharrnnLstmCellForward; hs[t] = h_t, saved[t] as CharrnnLstmCellForward's saved.
+)doc");
+
+REGISTER_OP("CharrnnLstmSequenceBackward")
+    .Attr("Tmm: {float, bfloat16}")
+    .Input("d_hs: float")
+    .Input("dh_last: float")
+    .Input("dc_last: float")
+    .Input("saved: float")
+    .Input("recurrent_kernel: Tmm")
+    .Output("dz: Tmm")
+    .Output("dh0: float")
+    .Output("dc0: float")
+    .SetShapeFn(SequenceBackwardShape)
+    .Doc(R"doc(
+The gradient of CharrnnLstmSequenceForward w.r.t. the pre-activations of every timestep (dz) and
+the initial state, from the gradients of hs and of the last state; the weight gradients are left to
+the caller's matmuls over all timesteps.
+)doc");
+
+template <typename Tmm>
+class LstmSequenceForward : public OpKernel {
+ public:
+  explicit LstmSequenceForward(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& xz = ctx->input(0);
+    const Tensor& rk = ctx->input(1);
+    const Tensor& h0 = ctx->input(2);
+    const Tensor& c0 = ctx->input(3);
+    OP_REQUIRES(ctx, xz.dims() == 3 && rk.dims() == 2 && c0.dims() == 2 && h0.shape() == c0.shape(),
+                absl::InvalidArgumentError("CharrnnLstmSequenceForward: xz [T,B,4U], rk [U,4U], h0 and c0 [B,U]"));
+    const int64_t steps = xz.dim_size(0), batch = c0.dim_size(0), u = c0.dim_size(1);
+    OP_REQUIRES(ctx, xz.dim_size(1) == batch && xz.dim_size(2) == 4 * u && rk.dim_size(0) == u &&
+                         rk.dim_size(1) == 4 * u && u % kLanes == 0,
+                absl::InvalidArgumentError("CharrnnLstmSequenceForward: mismatched shapes, or units not a multiple of the vector width"));
+    Tensor *hs = nullptr, *c_last = nullptr, *saved = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({steps, batch, u}), &hs));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, c0.shape(), &c_last));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, tensorflow::TensorShape({steps, batch, 6 * u}), &saved));
+    // One panel per block of kLanes units: the four gates' columns of those units side by side.
+    Tensor panel_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<Tmm>::value,
+                                           tensorflow::TensorShape({u * 4 * u}), &panel_t));
+    Tmm* panel = panel_t.flat<Tmm>().data();
+    const int64_t blocks = u / kLanes;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t cols[4] = {blk * kLanes, u + blk * kLanes, 2 * u + blk * kLanes, 3 * u + blk * kLanes};
+      PackPanel(rk.flat<Tmm>().data(), 4 * u, false, u, cols, 4, panel + blk * u * 4 * kLanes);
+    }
+    float* c = c_last->flat<float>().data();
+    std::copy_n(c0.flat<float>().data(), batch * u, c);
+    const float* xz_p = xz.flat<float>().data();
+    Tmm* hs_p = hs->flat<Tmm>().data();
+    float* s_p = saved->flat<float>().data();
+    const int64_t row_tiles = RowTiles(batch, kForwardRows);
+    const int64_t tile_cost = kForwardRows * 4 * kLanes * (2 * u + 40);
+    for (int64_t t = 0; t < steps; ++t) {
+      const Tmm* h_prev = t == 0 ? h0.flat<Tmm>().data() : hs_p + (t - 1) * batch * u;
+      const float* x_t = xz_p + t * batch * 4 * u;
+      Tmm* h_t = hs_p + t * batch * u;
+      float* s_t = s_p + t * batch * 6 * u;
+      ForEachRow(ctx, row_tiles * blocks, tile_cost, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t blk = item % blocks, j = blk * kLanes;
+          ForRowTile<kForwardRows>(item / blocks, batch, [&](auto rows, int64_t r0) {
+            constexpr int R = decltype(rows)::value;
+            using Eigen::internal::pmadd;
+            using Eigen::internal::pmul;
+            using Eigen::internal::psub;
+            Packet acc[R][4];
+            for (int r = 0; r < R; ++r)
+              for (int g = 0; g < 4; ++g) acc[r][g] = Load(x_t + (r0 + r) * 4 * u + g * u + j);
+            TileProduct<R, 4>(h_prev + r0 * u, u, panel + blk * u * 4 * kLanes, u, acc);
+            const Packet one = Broadcast(1.0f);
+            for (int r = 0; r < R; ++r) {
+              const int64_t b = r0 + r;
+              const Packet i = Sigmoid(acc[r][0]), f = Sigmoid(acc[r][1]);
+              const Packet g = Tanh(acc[r][2]), o = Sigmoid(acc[r][3]);
+              const Packet c_prev = Load(c + b * u + j);
+              const Packet cn = pmadd(f, c_prev, pmul(i, g));
+              const Packet tc = Tanh(cn);
+              Store(c + b * u + j, cn);
+              Store(h_t + b * u + j, pmul(o, tc));
+              float* s = s_t + b * 6 * u + j;
+              Store(s, pmul(g, psub(i, pmul(i, i))));
+              Store(s + u, pmul(c_prev, psub(f, pmul(f, f))));
+              Store(s + 2 * u, pmul(i, psub(one, pmul(g, g))));
+              Store(s + 3 * u, pmul(tc, psub(o, pmul(o, o))));
+              Store(s + 4 * u, pmul(o, psub(one, pmul(tc, tc))));
+              Store(s + 5 * u, f);
+            }
+          });
+        }
+      });
+    }
+  }
+};
+
+template <typename Tmm>
+class LstmSequenceBackward : public OpKernel {
+ public:
+  explicit LstmSequenceBackward(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& d_hs = ctx->input(0);
+    const Tensor& dh_last = ctx->input(1);
+    const Tensor& dc_last = ctx->input(2);
+    const Tensor& saved = ctx->input(3);
+    const Tensor& rk = ctx->input(4);
+    OP_REQUIRES(ctx, d_hs.dims() == 3 && saved.dims() == 3 && rk.dims() == 2,
+                absl::InvalidArgumentError("CharrnnLstmSequenceBackward: d_hs [T,B,U], saved [T,B,6U], rk [U,4U]"));
+    const int64_t steps = d_hs.dim_size(0), batch = d_hs.dim_size(1), u = d_hs.dim_size(2);
+    const tensorflow::TensorShape state({batch, u});
+    OP_REQUIRES(ctx, dh_last.shape() == state && dc_last.shape() == state && saved.dim_size(0) == steps &&
+                         saved.dim_size(1) == batch && saved.dim_size(2) == 6 * u && rk.dim_size(0) == u &&
+                         rk.dim_size(1) == 4 * u && u % kLanes == 0,
+                absl::InvalidArgumentError("CharrnnLstmSequenceBackward: mismatched shapes, or units not a multiple of the vector width"));
+    Tensor *dz = nullptr, *dh0 = nullptr, *dc0 = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({steps, batch, 4 * u}), &dz));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, state, &dh0));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, state, &dc0));
+    // Unit blocks of kBackwardVectors vectors (a narrower one at the end where needed), each
+    // with its panel of rk^T's columns: dh_prev[:, block] = dz @ rk[block, :]^T.
+    Tensor panel_t, dh_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<Tmm>::value,
+                                           tensorflow::TensorShape({u * 4 * u}), &panel_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, state, &dh_t));
+    Tmm* panel = panel_t.flat<Tmm>().data();
+    const int64_t wide = kBackwardVectors * kLanes;
+    const int64_t blocks = (u + wide - 1) / wide;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t j = blk * wide, vectors = std::min(wide, u - j) / kLanes;
+      const int64_t cols[kBackwardVectors] = {j, j + kLanes};
+      PackPanel(rk.flat<Tmm>().data(), 4 * u, true, 4 * u, cols, vectors, panel + j * 4 * u);
+    }
+    float* dc = dc0->flat<float>().data();  // the running dc_next; dc0 when the loop ends
+    float* dh_next = dh_t.flat<float>().data();
+    std::copy_n(dc_last.flat<float>().data(), batch * u, dc);
+    std::copy_n(dh_last.flat<float>().data(), batch * u, dh_next);
+    const float* dhs_p = d_hs.flat<float>().data();
+    const float* s_p = saved.flat<float>().data();
+    Tmm* dz_p = dz->flat<Tmm>().data();
+    const int64_t row_tiles = RowTiles(batch, kBackwardRows);
+    const int64_t tile_cost = kBackwardRows * wide * (8 * u + 20);
+
+    // For one (row tile, unit block): dh_next[rows, block] = dz_src[rows] @ rk[block]^T (kept as
+    // it is when dz_src is null), then then(r0, rows, j, width).
+    auto recurrent_product = [&](const Tmm* dz_src, int64_t item, auto&& then) {
+      const int64_t blk = item % blocks, j = blk * wide, w = std::min(wide, u - j);
+      ForRowTile<kBackwardRows>(item / blocks, batch, [&](auto rows, int64_t r0) {
+        constexpr int R = decltype(rows)::value;
+        auto product = [&](auto vectors) {
+          constexpr int NV = decltype(vectors)::value;
+          Packet acc[R][NV];
+          for (int r = 0; r < R; ++r)
+            for (int v = 0; v < NV; ++v) acc[r][v] = Broadcast(0.0f);
+          TileProduct<R, NV>(dz_src + r0 * 4 * u, 4 * u, panel + j * 4 * u, 4 * u, acc);
+          for (int r = 0; r < R; ++r)
+            for (int v = 0; v < NV; ++v) Store(dh_next + (r0 + r) * u + j + v * kLanes, acc[r][v]);
+        };
+        if (dz_src != nullptr) {
+          if (w == wide) product(std::integral_constant<int, kBackwardVectors>{});
+          else product(std::integral_constant<int, 1>{});
+        }
+        then(r0, R, j, w);
+      });
+    };
+
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      const Tmm* dz_next = t == steps - 1 ? nullptr : dz_p + (t + 1) * batch * 4 * u;
+      const float* do_t = dhs_p + t * batch * u;
+      const float* s_t = s_p + t * batch * 6 * u;
+      Tmm* dz_t = dz_p + t * batch * 4 * u;
+      ForEachRow(ctx, row_tiles * blocks, tile_cost, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          recurrent_product(dz_next, item, [&](int64_t r0, int rows, int64_t j, int64_t w) {
+            using Eigen::internal::padd;
+            using Eigen::internal::pmadd;
+            using Eigen::internal::pmul;
+            for (int64_t b = r0; b < r0 + rows; ++b)
+              for (int64_t jj = j; jj < j + w; jj += kLanes) {
+                const float* s = s_t + b * 6 * u + jj;
+                const Packet dh = padd(Load(do_t + b * u + jj), Load(dh_next + b * u + jj));
+                const Packet dcv = pmadd(dh, Load(s + 4 * u), Load(dc + b * u + jj));
+                Tmm* z = dz_t + b * 4 * u + jj;
+                Store(z, pmul(dcv, Load(s)));
+                Store(z + u, pmul(dcv, Load(s + u)));
+                Store(z + 2 * u, pmul(dcv, Load(s + 2 * u)));
+                Store(z + 3 * u, pmul(dh, Load(s + 3 * u)));
+                Store(dc + b * u + jj, pmul(dcv, Load(s + 5 * u)));
+              }
+          });
+        }
+      });
+    }
+    if (steps > 0) {  // dh0 = dz[0] @ rk^T (dh_last itself when there are no steps)
+      ForEachRow(ctx, row_tiles * blocks, tile_cost, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item)
+          recurrent_product(dz_p, item, [](int64_t, int, int64_t, int64_t) {});
+      });
+    }
+    std::copy_n(dh_next, batch * u, dh0->flat<float>().data());
+  }
+};
+
+#define REGISTER(T)                                                                               \
+  REGISTER_KERNEL_BUILDER(                                                                        \
+      Name("CharrnnLstmSequenceForward").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("Tmm"),  \
+      LstmSequenceForward<T>);                                                                    \
+  REGISTER_KERNEL_BUILDER(                                                                        \
+      Name("CharrnnLstmSequenceBackward").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("Tmm"), \
+      LstmSequenceBackward<T>);
+REGISTER(float)
+#if defined(__AVX512BF16__)
+REGISTER(bfloat16)
+#endif
 #undef REGISTER
