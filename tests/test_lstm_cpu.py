@@ -447,6 +447,32 @@ def test_sequence_ops_do_not_depend_on_the_thread_count(compiled_ops, tmp_path):
         np.testing.assert_array_equal(value.numpy(), one_thread[f"arr_{i}"])
 
 
+def test_sequence_ops_built_for_avx2_match_tensorflow_ops(compiled_ops, tmp_path):
+    """The build an AVX2-only machine gets (8-float vectors, smaller tiles): the same values and
+    gradients as TensorFlow's ops, as this machine's build (above). Runs on any x86-64 CPU with
+    AVX2; compiled here for Haswell whatever this machine is."""
+    if "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("no AVX2 on this machine")
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        import numpy as np, tensorflow as tf
+        from charrnn import cell_ops
+        from tests.test_lstm_cpu import fused_values_and_gradients, lstm_args, rel_err
+        path = Path({str(tmp_path)!r}) / "haswell.so"
+        cell_ops.build(path, machine=["-march=haswell"])
+        cell_ops._loaded["module"] = tf.load_op_library(str(path))
+        args, weights = lstm_args(np.random.default_rng(5))
+        expected = fused_values_and_gradients(args, weights, None, False)
+        got = fused_values_and_gradients(args, weights, None, "sequence")
+        print(max(rel_err(g, e) for e, g in zip(expected, got)))
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    error = float(proc.stdout.split()[-1])
+    assert 0 < error < 1e-6, error  # measured 4e-7, as this machine's build
+
+
 def test_cell_ops_that_cannot_be_built_leave_one_note_and_tensorflow_ops(tmp_path):
     """No compiler (or a failed build): one line saying so, and the same LSTM from TensorFlow's ops."""
     script = textwrap.dedent("""

@@ -44,8 +44,9 @@ def library_path() -> Path:
     return cache_dir() / key / "charrnn_lstm_cell_ops.so"
 
 
-def build(target: Path) -> None:
-    """Compile the ops into ``target`` (written to a temporary name and renamed)."""
+def build(target: Path, machine: list[str] | None = None) -> None:
+    """Compile the ops into ``target`` (written to a temporary name and renamed). ``machine``:
+    the target flags to use instead of this machine's (e.g. ``["-march=haswell"]``)."""
     import tensorflow as tf
 
     compiler = _compiler()
@@ -59,8 +60,8 @@ def build(target: Path) -> None:
     flags = [*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
     errors = []
     try:
-        for machine in (["-march=native", "-mno-avx512fp16"], []):
-            command = [compiler, "-shared", "-fPIC", "-O3", "-w", *machine, str(SOURCE), "-o", tmp, *flags]
+        for target_flags in ([machine] if machine is not None else [["-march=native", "-mno-avx512fp16"], []]):
+            command = [compiler, "-shared", "-fPIC", "-O3", "-w", *target_flags, str(SOURCE), "-o", tmp, *flags]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode == 0:
                 os.replace(tmp, target)

@@ -430,8 +430,8 @@ class LstmSequenceForward : public OpKernel {
       float* s_t = s_p + t * batch * 6 * u;
       ForEachRow(ctx, row_tiles * blocks, tile_cost, [&](int64_t begin, int64_t end) {
         for (int64_t item = begin; item < end; ++item) {
-          const int64_t blk = item % blocks, j = blk * kLanes;
-          ForRowTile<kForwardRows>(item / blocks, batch, [&](auto rows, int64_t r0) {
+          const int64_t blk = item / row_tiles, j = blk * kLanes;
+          ForRowTile<kForwardRows>(item % row_tiles, batch, [&](auto rows, int64_t r0) {
             constexpr int R = decltype(rows)::value;
             using Eigen::internal::pmadd;
             using Eigen::internal::pmul;
@@ -515,8 +515,8 @@ class LstmSequenceBackward : public OpKernel {
     // For one (row tile, unit block): dh_next[rows, block] = dz_src[rows] @ rk[block]^T (kept as
     // it is when dz_src is null), then then(r0, rows, j, width).
     auto recurrent_product = [&](const Tmm* dz_src, int64_t item, auto&& then) {
-      const int64_t blk = item % blocks, j = blk * wide, w = std::min(wide, u - j);
-      ForRowTile<kBackwardRows>(item / blocks, batch, [&](auto rows, int64_t r0) {
+      const int64_t blk = item / row_tiles, j = blk * wide, w = std::min(wide, u - j);
+      ForRowTile<kBackwardRows>(item % row_tiles, batch, [&](auto rows, int64_t r0) {
         constexpr int R = decltype(rows)::value;
         auto product = [&](auto vectors) {
           constexpr int NV = decltype(vectors)::value;
