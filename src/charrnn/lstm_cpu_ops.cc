@@ -235,12 +235,6 @@ constexpr int kLanes = Eigen::internal::unpacket_traits<Packet>::size;
 constexpr int kForwardRows = kLanes >= 16 ? 6 : 2;   // row tile: accumulators fit the registers
 constexpr int kBackwardRows = kLanes >= 16 ? 8 : 3;
 constexpr int kBackwardVectors = 2;
-#if defined(__AVX512BF16__)
-constexpr bool kBfloat16Products = true;
-#else
-constexpr bool kBfloat16Products = false;
-#endif
-
 template <typename T>
 constexpr int kPair = std::is_same<T, float>::value ? 1 : 2;  // k values per lane in a panel
 

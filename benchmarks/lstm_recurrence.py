@@ -1,0 +1,125 @@
+"""The LSTM recurrence alone, forward and backward, per kernel: where the compiled ops' time goes.
+
+    python benchmarks/lstm_recurrence.py [--configs seed,cpu] [--repeats 5] [--matmul-dtype float32|bfloat16]
+
+Prints one JSON object. For each config's shape (``train_throughput.py``'s: seed = batch 64, LSTM
+1024, input 256; cpu = batch 32, LSTM 384, input 64; 100 timesteps), milliseconds per call of:
+
+* ``fused_lstm`` forward + backward (a tf.function: values and all six gradients) with TensorFlow's
+  ops only (``tfops``), the per-step compiled cell ops (``cell``) and the whole-sequence ops
+  (``sequence``): the kernel's share of a train step, without the embedding, Dense layer and
+  optimizer;
+* the whole-sequence ops' forward and backward op alone (``sequence_forward_op``,
+  ``sequence_backward_op``);
+* the floor they are compared with: TensorFlow's own matmul of the recurrence's shape, 100 in one
+  graph loop (``tf_matmul_loop``, [batch, units] @ [units, 4 units]), i.e. what the recurrent
+  matmuls of one direction cost in oneDNN with no gate arithmetic at all.
+
+Every variant is traced and warmed up alike (two calls), then the repeats run the variants in
+turn (interleaved, so a noisy neighbour hits all); each figure is the median. ``--matmul-dtype
+bfloat16`` times the bfloat16-matmul kernels (the sequence ops need a build for AVX512-BF16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_throughput import CONFIGS, SEQ, csv_list, machine_info  # noqa: E402
+
+
+def variants(embedding: int, units: int, batch: int, mm_dtype) -> dict:
+    """name -> a zero-argument callable that runs one call to completion."""
+    import numpy as np
+    import tensorflow as tf
+
+    from charrnn import cell_ops, lstm_cpu
+
+    rng = np.random.default_rng(0)
+    args = [tf.constant(rng.normal(0, s, shape).astype(np.float32)) for s, shape in (
+        (1, (batch, SEQ, embedding)), (0.5, (batch, units)), (0.5, (batch, units)),
+        (0.1, (embedding, 4 * units)), (0.05, (units, 4 * units)), (0.1, (4 * units,)))]
+    out = {}
+    for name, compiled in (("tfops", False), ("cell", "cell"), ("sequence", "sequence")):
+        @tf.function
+        def step(*a, compiled=compiled):
+            with tf.GradientTape() as tape:
+                tape.watch(a)
+                o, h, c = lstm_cpu.fused_lstm(*a, matmul_dtype=mm_dtype, compiled=compiled)
+                loss = tf.reduce_sum(o) + tf.reduce_sum(h) + tf.reduce_sum(c)
+            return tape.gradient(loss, a)
+        out[name] = lambda step=step: [g.numpy() for g in step(*args)]
+
+    ops = cell_ops.load()
+    mmt = mm_dtype or tf.float32
+    if cell_ops.runs_sequence(ops, mmt):
+        xz = tf.constant(rng.normal(0, 1, (SEQ, batch, 4 * units)).astype(np.float32))
+        rk = tf.cast(args[4], mmt)
+        h0, c0 = tf.cast(args[1], mmt), args[2]
+        hs, _, saved = ops.charrnn_lstm_sequence_forward(xz, rk, h0, c0)
+        d_hs = tf.ones([SEQ, batch, units])
+        out["sequence_forward_op"] = lambda: ops.charrnn_lstm_sequence_forward(xz, rk, h0, c0)[0].numpy()
+        out["sequence_backward_op"] = lambda: ops.charrnn_lstm_sequence_backward(
+            d_hs, args[1], args[2], saved, rk)[0].numpy()
+
+    h = tf.cast(args[1], mmt)
+    rk = tf.cast(args[4], mmt)
+
+    @tf.function
+    def matmul_loop():
+        acc = tf.zeros([batch, 4 * units], mmt)
+        for _ in tf.range(SEQ):
+            acc += tf.matmul(h, rk)
+        return acc
+
+    out["tf_matmul_loop"] = lambda: matmul_loop().numpy()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=csv_list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32")
+    args = parser.parse_args()
+
+    import tensorflow as tf
+
+    mm_dtype = None if args.matmul_dtype == "float32" else tf.bfloat16
+    report = {"machine": machine_info(), "matmul_dtype": args.matmul_dtype, "steps": SEQ, "configs": {}}
+    for name in args.configs:
+        embedding, units, batch, _ = CONFIGS[name]
+        calls = variants(embedding, units, batch, mm_dtype)
+        for call in calls.values():  # trace and warm up, alike
+            call()
+            call()
+        times = {k: [] for k in calls}
+        for _ in range(args.repeats):
+            for k, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[k].append((time.perf_counter() - start) * 1e3)
+        ms = {k: round(statistics.median(v), 1) for k, v in times.items()}
+        flop = 2 * batch * units * 4 * units * SEQ  # one direction's recurrent matmuls
+        result = {"batch": batch, "units": units, "input": embedding, "ms": ms,
+                  "runs_ms": {k: [round(x, 1) for x in v] for k, v in times.items()},
+                  "tf_matmul_loop_gflops": round(flop / ms["tf_matmul_loop"] / 1e6, 1),
+                  "sequence_over_cell": round(ms["cell"] / ms["sequence"], 3),
+                  "sequence_over_tfops": round(ms["tfops"] / ms["sequence"], 3)}
+        if "sequence_forward_op" in ms:
+            result["sequence_forward_over_tf_matmul_loop"] = round(ms["sequence_forward_op"] / ms["tf_matmul_loop"], 3)
+            result["sequence_backward_over_tf_matmul_loop"] = round(ms["sequence_backward_op"] / ms["tf_matmul_loop"], 3)
+        report["configs"][name] = result
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
