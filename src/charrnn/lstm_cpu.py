@@ -66,10 +66,10 @@ def fused_lstm(inputs, h0, c0, kernel, recurrent_kernel, bias, matmul_dtype=None
 
     ``compiled`` uses the compiled ops of :mod:`charrnn.cell_ops` where they are available, the
     gates are float32 and XLA is not compiling the caller: ``True`` (or ``"sequence"``) runs the
-    whole recurrence, matmuls included, in one op per direction where everything is float32 and
-    ``units`` is a multiple of 16, else each step's gate arithmetic in one op (the same math in one
-    op per step and direction instead of about 30); ``"cell"`` always the latter; False keeps
-    TensorFlow's own ops.
+    whole recurrence, matmuls included, in one op per direction where ``units`` is a multiple of 16
+    and the matmuls are float32 (or bfloat16, with a build for AVX512-BF16), else each step's gate
+    arithmetic in one op (the same math in one op per step and direction instead of about 30);
+    ``"cell"`` always the latter; False keeps TensorFlow's own ops.
     """
     dtype = inputs.dtype
     h0 = tf.cast(h0, dtype)
@@ -159,7 +159,7 @@ def _make_fused(mm_dtype, ops=None, sequence=False):
         if sequence_ops:
             # The whole recurrence in one compiled op (matmuls included); no TensorFlow loop.
             hs, c_last, saved_all = ops.charrnn_lstm_sequence_forward(xz, rk, tf.cast(h0, hdtype), c0)
-            h_last = hs[-1]
+            h_last = tf.cond(steps > 0, lambda: hs[-1], lambda: tf.cast(h0, hdtype))
         else:
             _, h_last, c_last, ta_h, saved_all = tf.while_loop(
                 lambda t, *_: t < steps,
