@@ -14,6 +14,10 @@ Two final figures, both over the whole val split (the last 10% of the text):
 - ``val_loss_stream``: the val text read as ``STREAM_EVAL`` contiguous streams with the LSTM state
   carried across, as char-rnn evaluates: each character's loss given all the text before it.
 
+When training ran in another precision than float32, ``val_loss_float32`` is the first figure again
+with the same (float32) weights read by a float32 model: what the precision costs at inference
+apart from what it cost in training.
+
 With no options it trains the model of ``params.yaml``'s ``train`` section (the pipeline's
 default) the way the train stage does: the fast CPU LSTM installed, ``train.precision`` resolved
 (``auto``), and the pipeline's own learning-rate schedule (``train.lr_decay_fraction``: Keras'
@@ -168,13 +172,14 @@ def main() -> None:
     parser.add_argument("--seq-length", type=int, default=sequence_defaults.seq_length)
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("batch_size", "embedding_dim", "rnn_units", "num_layers", "cell", "dropout",
-                          "learning_rate", "lr_decay_fraction", "clipnorm", "precision", "seed"):
+                          "learning_rate", "lr_decay_fraction", "clipnorm", "weight_decay", "precision", "seed"):
             kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" ")[0], float)
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=getattr(defaults, field.name))
     args = parser.parse_args()
     config = TrainConfig(batch_size=args.batch_size, embedding_dim=args.embedding_dim, rnn_units=args.rnn_units,
                          num_layers=args.num_layers, cell=args.cell, dropout=args.dropout,
-                         learning_rate=args.learning_rate, clipnorm=args.clipnorm, precision=args.precision, seed=args.seed,
+                         learning_rate=args.learning_rate, clipnorm=args.clipnorm, weight_decay=args.weight_decay,
+                         precision=args.precision, seed=args.seed,
                          epochs=1_000, lr_decay_fraction=args.lr_decay_fraction, jit_compile=args.jit_compile)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,7 +206,8 @@ def main() -> None:
         if args.schedule == "pipeline" and config.lr_decay_fraction > 0:
             # The pipeline's schedule is laid out over steps: estimate how many the budget allows.
             calibration = new_model(config.batch_size if stateful else None)
-            compile_model(calibration, config.learning_rate, config.clipnorm, jit_compile=args.jit_compile)
+            compile_model(calibration, config.learning_rate, config.clipnorm, jit_compile=args.jit_compile,
+                          weight_decay=config.weight_decay)
             probe_data = training_dataset(train_shards, args.seq_length, config, 0)
             # One fit, each step timed: a second fit would refill the shuffle buffer inside the timing
             # (that once made a run measure 3.9 steps/s for 6.4 and decay its rate 40% too early).
@@ -216,7 +222,8 @@ def main() -> None:
                   f"is laid out over {total_steps} steps", flush=True)
             configure_determinism(config)
         model = new_model(config.batch_size if stateful else None)
-        compile_model(model, learning_rate, config.clipnorm, jit_compile=args.jit_compile)
+        compile_model(model, learning_rate, config.clipnorm, jit_compile=args.jit_compile,
+                      weight_decay=config.weight_decay)
         stateless = new_model()
         compile_model(stateless, config.learning_rate)
 
@@ -239,6 +246,14 @@ def main() -> None:
         wall = time.perf_counter() - start
         final = float(scorer(model).evaluate(val_ds, verbose=0))
         final_stream = stream_loss(model, val_ids, config, args.seq_length)
+        final_float32 = None
+        if config.precision != "float32":
+            reader = build_model(vocab_size, config.embedding_dim, config.rnn_units, config.num_layers,
+                                 config.dropout, "float32", cell=config.cell)
+            lstm_cpu.install_model(reader)
+            compile_model(reader, config.learning_rate)
+            reader.set_weights(model.get_weights())
+            final_float32 = float(reader.evaluate(val_ds, verbose=0))
     steps = model.optimizer.iterations.numpy().item()
     tokens = steps * config.batch_size * args.seq_length
     print(f"final val loss {final:.4f} nats/char ({final / math.log(2):.4f} bits/char) over the whole val split "
@@ -246,8 +261,11 @@ def main() -> None:
           f"{tokens / budget.trained:,.0f} tokens/s)" + (f"; the schedule was laid out over {total_steps}" if total_steps else ""))
     print(f"final val loss with the state carried ({STREAM_EVAL} contiguous streams): {final_stream:.4f} nats/char "
           f"({final_stream / math.log(2):.4f} bits/char)")
+    if final_float32 is not None:
+        print(f"final val loss with the same weights read in float32: {final_float32:.4f} nats/char")
     print(json.dumps({"val_loss": round(final, 4), "val_bpc": round(final / math.log(2), 4),
                       "val_loss_stream": round(final_stream, 4),
+                      "val_loss_float32": None if final_float32 is None else round(final_float32, 4),
                       "train_seconds": round(budget.trained, 1), "wall_seconds": round(wall, 1),
                       "steps": steps, "scheduled_steps": total_steps, "tokens": tokens, "series": budget.series,
                       "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"},

@@ -23,6 +23,9 @@ Prints one JSON object on stdout (progress goes to stderr). What it measures, in
 * per config, a PyTorch reference of the same shape (Embedding -> nn.LSTM(batch_first) -> Linear,
   Adam, CrossEntropy) in fp32 and under bf16 autocast, on one in-memory batch; the ratios
   fused/torch and stock/torch use the PyTorch fp32 figure of the same run;
+* per config, ``share_of_matmul_rate``: each variant's tokens/s times the train step's matmul FLOPs
+  per token, over TensorFlow's rate at the big square in the same precision (1.0 = a step that does
+  nothing but large matmuls at full speed), and ``ceiling_tokens_per_s``, the tokens/s that 1.0 means;
 * op determinism (``tf.config.experimental.enable_op_determinism``, what the pipeline trains with
   by default): fp32 stock, fused_tfops, fused_cell and fused on the TFRecord stream, in child processes alternating plain /
   deterministic for ``--determinism-rounds`` rounds, so that drift on a noisy machine hits both.
@@ -403,6 +406,33 @@ def measure_config(name: str, args, with_torch: bool) -> dict:
     return result
 
 
+def matmul_flop_per_token(result: dict) -> int:
+    """The train step's matmul FLOPs per token: the LSTM's input and recurrent products and the
+    Dense layer's, each once forward and twice backward (the input's and the weights' gradients)."""
+    lstm = 2 * 4 * result["units"] * (result["embedding"] + result["units"])
+    dense = 2 * result["units"] * result["vocab_size"]
+    return 3 * (lstm + dense)
+
+
+def share_of_matmul_rate(result: dict, square: dict) -> dict:
+    """Each variant's matmul GFLOP/s (tokens/s x FLOPs per token) over TensorFlow's own rate at the
+    big square in that precision: how close a train step comes to doing nothing but large matmuls,
+    and the tokens/s that would mean (``ceiling_tokens_per_s``)."""
+    flop = matmul_flop_per_token(result)
+    out = {"matmul_flop_per_token": flop,
+           "ceiling_tokens_per_s": {"float32": round(square["float32"] * 1e9 / flop),
+                                    "bfloat16": round(square["bfloat16"] * 1e9 / flop)}}
+    for lstm, by_precision in result["keras"].items():
+        for precision, by_data in by_precision.items():
+            peak = square["bfloat16" if "bfloat16" in precision else "float32"]
+            for data, figures in by_data.items():
+                out[f"{lstm}/{precision}/{data}"] = round(figures["tokens_per_s"] * flop / 1e9 / peak, 3)
+    for name, peak in (("float32", "float32"), ("bfloat16_autocast", "bfloat16")):
+        if "tokens_per_s" in result["torch"].get(name, {}):
+            out[f"torch/{name}/memory"] = round(result["torch"][name]["tokens_per_s"] * flop / 1e9 / square[peak], 3)
+    return out
+
+
 def measure_determinism(name: str, args) -> dict:
     """Plain and deterministic children alternating (order flipped every round), fp32, TFRecord."""
     steps = args.steps or CONFIGS[name][3]
@@ -487,6 +517,9 @@ def main() -> None:
             report["matmul_gflops"]["torch"] = torch_skipped(args)
         report["data"] = run_child("shards", args)
         report["configs"] = {name: measure_config(name, args, with_torch) for name in args.configs}
+        square = report["matmul_gflops"]["tensorflow"]["square_{}x{}@{}x{}".format(*BIG_SQUARE[:2], *BIG_SQUARE[1:])]
+        for result in report["configs"].values():
+            result["share_of_matmul_rate"] = share_of_matmul_rate(result, square)
         if args.determinism_rounds > 0:
             report["op_determinism"] = {name: measure_determinism(name, args) for name in args.determinism_configs}
     report["settings"] = {

@@ -220,6 +220,7 @@ PARAMS_CASES = [
     param_case("train", "deterministic", "yes", "train", "sequences",
                expect=("'train.deterministic' must be true or false",)),
     param_case("train", "lr_decay_fraction", 1.5, "train", "sequences"),
+    param_case("train", "weight_decay", -0.1, "train", "sequences"),
     param_case("train", "learning_rate", float("inf"), "train", "sequences",
                expect=("'train.learning_rate' must be a finite number", "got inf")),
     param_case("train", "clipnorm", float("nan"), "train", "sequences",

@@ -67,6 +67,7 @@ class TrainConfig:
     learning_rate: float = _field(0.001, POSITIVE)
     lr_decay_fraction: float = _field(0.0, _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
     clipnorm: float | None = _field(None, POSITIVE)
+    weight_decay: float = _field(0.0, NON_NEGATIVE)
     precision: str = _field("auto", _choice("auto", "float32", "mixed_bfloat16", "mixed_float16"))
     strategy: str = _field("default", _choice("default", "mirrored", "multi_worker"))
     shuffle_buffer: int = _field(10_000, POSITIVE)

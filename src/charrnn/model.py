@@ -93,14 +93,21 @@ def learning_rate_schedule(learning_rate: float, total_steps: int, decay_fractio
 
 
 def compile_model(model: keras.Model, learning_rate, clipnorm: float | None = None,
-                  jit_compile: bool = False) -> None:
+                  jit_compile: bool = False, weight_decay: float = 0.0) -> None:
     """Adam on the sparse cross-entropy of the logits; ``learning_rate`` is a float or a schedule.
+
+    ``weight_decay`` > 0 makes it AdamW: every weight (Keras' default: biases and embeddings too, so
+    the optimizer saves and reloads as it is) shrinks by ``learning_rate * weight_decay`` of itself
+    per step, apart from the gradient step.
 
     Under ``mixed_float16`` the optimizer is a ``LossScaleOptimizer``: small float16 gradients would
     underflow to zero. Keras wraps it only when the *global* policy is mixed_float16; ours is set
     per layer (``build_model``), so it is wrapped here. bfloat16 has float32's range: no scaling.
     """
-    optimizer = keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=clipnorm)
+    if weight_decay > 0:
+        optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=clipnorm)
     if any(layer.dtype_policy.name == "mixed_float16" for layer in model.layers):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(

@@ -174,7 +174,7 @@ def train(
             lstm_cpu.install_model(model)  # before compile: the fast CPU LSTM (a no-op with a GPU)
             schedule = model_lib.learning_rate_schedule(config.learning_rate, config.epochs * steps,
                                                         config.lr_decay_fraction)
-            model_lib.compile_model(model, schedule, config.clipnorm)
+            model_lib.compile_model(model, schedule, config.clipnorm, weight_decay=config.weight_decay)
         if config.jit_compile and config.strategy != "multi_worker":
             # Recompiling keeps the optimizer (and its restored state); only the train step changes.
             model.compile(optimizer=model.optimizer, loss=model.loss, jit_compile=True)
