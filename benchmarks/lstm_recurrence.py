@@ -1,6 +1,7 @@
 """The LSTM recurrence alone, forward and backward, per kernel: where the compiled ops' time goes.
 
     python benchmarks/lstm_recurrence.py [--configs seed,cpu] [--repeats 5] [--matmul-dtype float32|bfloat16]
+                                         [--variants sequence_forward_op,sequence_backward_op,tf_matmul_loop]
 
 Prints one JSON object. For each config's shape (``train_throughput.py``'s: seed = batch 64, LSTM
 1024, input 256; cpu = batch 32, LSTM 384, input 64; 100 timesteps), milliseconds per call of:
@@ -16,7 +17,8 @@ Prints one JSON object. For each config's shape (``train_throughput.py``'s: seed
   matmuls of one direction cost in oneDNN with no gate arithmetic at all.
 
 Every variant is traced and warmed up alike (two calls), then the repeats run the variants in
-turn (interleaved, so a noisy neighbour hits all); each figure is the median. ``--matmul-dtype
+turn (interleaved, so a noisy neighbour hits all); each figure is the median. ``--variants`` times
+only those named (the ops alone, say, without the whole train-step-sized graphs between them). ``--matmul-dtype
 bfloat16`` times the bfloat16-matmul kernels (the sequence ops need a build for AVX512-BF16).
 """
 
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--configs", type=csv_list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--variants", type=csv_list(None), default=None, help="time only these (default: all)")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -98,6 +101,11 @@ def main() -> None:
     for name in args.configs:
         embedding, units, batch, _ = CONFIGS[name]
         calls = variants(embedding, units, batch, mm_dtype)
+        if args.variants:
+            unknown = sorted(set(args.variants) - set(calls))
+            if unknown:
+                parser.error(f"unknown variants {unknown}; choose from {sorted(calls)}")
+            calls = {k: v for k, v in calls.items() if k in args.variants}
         for call in calls.values():  # trace and warm up, alike
             call()
             call()
@@ -110,13 +118,16 @@ def main() -> None:
         ms = {k: round(statistics.median(v), 1) for k, v in times.items()}
         flop = 2 * batch * units * 4 * units * SEQ  # one direction's recurrent matmuls
         result = {"batch": batch, "units": units, "input": embedding, "ms": ms,
-                  "runs_ms": {k: [round(x, 1) for x in v] for k, v in times.items()},
-                  "tf_matmul_loop_gflops": round(flop / ms["tf_matmul_loop"] / 1e6, 1),
-                  "sequence_over_cell": round(ms["cell"] / ms["sequence"], 3),
-                  "sequence_over_tfops": round(ms["tfops"] / ms["sequence"], 3)}
-        if "sequence_forward_op" in ms:
-            result["sequence_forward_over_tf_matmul_loop"] = round(ms["sequence_forward_op"] / ms["tf_matmul_loop"], 3)
-            result["sequence_backward_over_tf_matmul_loop"] = round(ms["sequence_backward_op"] / ms["tf_matmul_loop"], 3)
+                  "runs_ms": {k: [round(x, 1) for x in v] for k, v in times.items()}}
+        if "tf_matmul_loop" in ms:
+            result["tf_matmul_loop_gflops"] = round(flop / ms["tf_matmul_loop"] / 1e6, 1)
+            for op in ("sequence_forward_op", "sequence_backward_op"):
+                if op in ms:
+                    result[f"{op[:-3]}_over_tf_matmul_loop"] = round(ms[op] / ms["tf_matmul_loop"], 3)
+        if {"cell", "sequence"} <= ms.keys():
+            result["sequence_over_cell"] = round(ms["cell"] / ms["sequence"], 3)
+        if {"tfops", "sequence"} <= ms.keys():
+            result["sequence_over_tfops"] = round(ms["tfops"] / ms["sequence"], 3)
         report["configs"][name] = result
     print(json.dumps(report))
 
