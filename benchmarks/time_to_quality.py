@@ -196,9 +196,9 @@ def main() -> None:
         config = dataclasses.replace(config, precision=policy)
         configure_determinism(config)
         stateful = args.layout == "streams"
-        def new_model(stateful_batch=None):
-            model = build_model(vocab_size, config.embedding_dim, config.rnn_units, config.num_layers,
-                                config.dropout, config.precision, stateful_batch=stateful_batch, cell=config.cell)
+        def new_model(stateful_batch=None, precision=None):
+            model = build_model(vocab_size, config.embedding_dim, config.rnn_units, config.num_layers, config.dropout,
+                                precision or config.precision, stateful_batch=stateful_batch, cell=config.cell)
             lstm_cpu.install_model(model)  # as the train stage does
             return model
 
@@ -248,9 +248,7 @@ def main() -> None:
         final_stream = stream_loss(model, val_ids, config, args.seq_length)
         final_float32 = None
         if config.precision != "float32":
-            reader = build_model(vocab_size, config.embedding_dim, config.rnn_units, config.num_layers,
-                                 config.dropout, "float32", cell=config.cell)
-            lstm_cpu.install_model(reader)
+            reader = new_model(precision="float32")
             compile_model(reader, config.learning_rate)
             reader.set_weights(model.get_weights())
             final_float32 = float(reader.evaluate(val_ds, verbose=0))

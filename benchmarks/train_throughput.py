@@ -69,6 +69,7 @@ LOOP = 100  # matmuls per graph call in the in-loop matmul rate
 # name: (embedding, units, batch, default timed steps per repeat)
 CONFIGS = {"seed": (256, 1024, 64, 1), "cpu": (64, 384, 32, 4)}
 BIG_SQUARE = (2048, 2048, 2048)
+SQUARE_LABEL = "square_{0}x{1}@{1}x{2}".format(*BIG_SQUARE)
 # fused_tfops: the fused kernel with TensorFlow's ops for the gate arithmetic; fused_cell: with the
 # compiled per-step cell ops; fused: what the pipeline trains with (the compiled whole-sequence ops
 # where they apply, else fused_cell)
@@ -91,7 +92,7 @@ def median(values):
 
 def matmul_shapes(configs) -> dict:
     """label -> (m, k, n): the big square and each config's recurrent matmul."""
-    shapes = {"square_{}x{}@{}x{}".format(BIG_SQUARE[0], BIG_SQUARE[1], BIG_SQUARE[1], BIG_SQUARE[2]): BIG_SQUARE}
+    shapes = {SQUARE_LABEL: BIG_SQUARE}
     for name in configs:
         _, units, batch, _ = CONFIGS[name]
         shapes[f"recurrent_{name}_{batch}x{units}@{units}x{4 * units}"] = (batch, units, 4 * units)
@@ -517,7 +518,7 @@ def main() -> None:
             report["matmul_gflops"]["torch"] = torch_skipped(args)
         report["data"] = run_child("shards", args)
         report["configs"] = {name: measure_config(name, args, with_torch) for name in args.configs}
-        square = report["matmul_gflops"]["tensorflow"]["square_{}x{}@{}x{}".format(*BIG_SQUARE[:2], *BIG_SQUARE[1:])]
+        square = report["matmul_gflops"]["tensorflow"][SQUARE_LABEL]
         for result in report["configs"].values():
             result["share_of_matmul_rate"] = share_of_matmul_rate(result, square)
         if args.determinism_rounds > 0:
