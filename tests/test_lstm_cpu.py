@@ -423,28 +423,67 @@ def test_compiled_ops_with_bfloat16_matmuls_are_as_accurate_as_tensorflow_ops(co
     assert any(rel_err(g, t) > 0 for t, g in zip(tf_ops, got)), "same path twice: nothing compared"
 
 
-def test_sequence_ops_do_not_depend_on_the_thread_count(compiled_ops, tmp_path):
-    """Every element of the sequence ops is summed by one thread in a fixed order: one intra-op
-    thread and the default pool give the same bits, forward and backward."""
-    args, weights = lstm_args(np.random.default_rng(6), units=64, batch=21, steps=6)
+def has_amx() -> bool:
+    return "amx_bf16" in open("/proc/cpuinfo").read()
+
+
+def sequence_in_subprocess(tmp_path, args, weights, matmul_dtype, env=None, threads=None):
+    """fused_lstm's values and gradients from the sequence ops in a fresh process (its own op
+    settings: ``env``, ``threads`` intra-op threads), as a list of arrays."""
     np.savez(tmp_path / "args.npz", *[a.numpy() for a in args + weights])
     script = textwrap.dedent(f"""
         import numpy as np, tensorflow as tf
-        tf.config.threading.set_intra_op_parallelism_threads(1)
+        if {threads!r} is not None:
+            tf.config.threading.set_intra_op_parallelism_threads({threads!r})
         from tests.test_lstm_cpu import fused_values_and_gradients
         data = np.load({str(tmp_path / "args.npz")!r})
         arrays = [tf.constant(data[f"arr_{{i}}"]) for i in range(len(data.files))]
-        out = fused_values_and_gradients(arrays[:6], arrays[6:], None, "sequence")
-        np.savez({str(tmp_path / "one_thread.npz")!r}, *[o.numpy() for o in out])
+        dtype = None if {matmul_dtype!r} is None else tf.as_dtype({matmul_dtype!r})
+        out = fused_values_and_gradients(arrays[:6], arrays[6:], dtype, "sequence")
+        np.savez({str(tmp_path / "out.npz")!r}, *[o.numpy() for o in out])
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-2000:]
+    out = np.load(tmp_path / "out.npz")
+    return [out[f"arr_{i}"] for i in range(len(out.files))]
+
+
+# float32 with 21 rows (uneven row tiles); bfloat16 with 32 rows and 64 units, the shape the AMX
+# tiles take where the CPU has them (the vector tiles elsewhere).
+@pytest.mark.parametrize("matmul_dtype,batch", [(None, 21), ("bfloat16", 32)])
+def test_sequence_ops_do_not_depend_on_the_thread_count(compiled_ops, tmp_path, matmul_dtype, batch):
+    """Every element of the sequence ops is summed by one thread in a fixed order: one intra-op
+    thread and the default pool give the same bits, forward and backward."""
+    dtype = None if matmul_dtype is None else tf.as_dtype(matmul_dtype)
+    if dtype is not None and not cell_ops.runs_sequence(cell_ops.load(), dtype):
+        pytest.skip("this build has no bfloat16 sequence ops (no AVX512-BF16)")
+    args, weights = lstm_args(np.random.default_rng(6), units=64, batch=batch, steps=6)
+    one_thread = sequence_in_subprocess(tmp_path, args, weights, matmul_dtype, threads=1)
     assert tf.config.threading.get_intra_op_parallelism_threads() != 1
-    pooled = fused_values_and_gradients(args, weights, None, "sequence")
-    one_thread = np.load(tmp_path / "one_thread.npz")
-    for i, value in enumerate(pooled):
-        np.testing.assert_array_equal(value.numpy(), one_thread[f"arr_{i}"])
+    pooled = fused_values_and_gradients(args, weights, dtype, "sequence")
+    for value, expected in zip(pooled, one_thread):
+        np.testing.assert_array_equal(value.numpy(), expected)
+
+
+# Measured at 32 rows x 64 units: AMX 0.92x-0.99x TensorFlow's error, the vector tiles the same
+# within 0.01; the two differ by up to 3e-2 (bfloat16's step at the gradients' scale).
+def test_bfloat16_sequence_ops_on_amx_tiles_are_as_accurate_as_tensorflow_ops(compiled_ops, tmp_path):
+    """Where the CPU has AMX, the bfloat16 sequence ops multiply on its tiles (batch a multiple of
+    16, units of 32): as accurate as TensorFlow's ops, and not the vector tiles' numbers
+    (``CHARRNN_AMX=0``, in another process), so the AMX path is what was measured."""
+    if not has_amx() or not cell_ops.runs_sequence(cell_ops.load(), tf.bfloat16):
+        pytest.skip("no AMX on this machine")
+    args, weights = lstm_args(np.random.default_rng(5), units=64, batch=32)
+    exact = fused_values_and_gradients(args, weights, None, False)
+    tf_ops = fused_values_and_gradients(args, weights, tf.bfloat16, False)
+    amx = fused_values_and_gradients(args, weights, tf.bfloat16, "sequence")
+    ratios = [rel_err(g, e) / rel_err(t, e) for e, t, g in zip(exact, tf_ops, amx)]
+    print("error / TensorFlow ops' error:", ", ".join(f"{r:.3f}" for r in ratios))
+    assert max(ratios) < 1.1
+    vector = sequence_in_subprocess(tmp_path, args, weights, "bfloat16", env={"CHARRNN_AMX": "0"})
+    assert any(np.any(a.numpy() != v) for a, v in zip(amx, vector)), "CHARRNN_AMX=0 changed nothing"
 
 
 def test_sequence_ops_built_for_avx2_match_tensorflow_ops(compiled_ops, tmp_path):

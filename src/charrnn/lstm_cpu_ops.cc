@@ -14,8 +14,17 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <type_traits>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define CHARRNN_AMX 1
+#endif
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -224,8 +233,9 @@ REGISTER(tensorflow::bfloat16)
 // Every output element is computed by one thread in a fixed order: results do not depend on how
 // the tiles are split over threads. Tmm is the type of the tensors that meet the recurrent matmul
 // (h forward, dz backward, and the kernel): float32, or bfloat16 where the compiler targets
-// AVX512-BF16 (products summed in float32 by vdpbf16ps, as oneDNN's bf16 matmul sums them).
-// Units must be a multiple of 16 (lstm_cpu.py uses the per-step ops otherwise).
+// AVX512-BF16 (products summed in float32 by vdpbf16ps, as oneDNN's bf16 matmul sums them, or on
+// AMX tiles where the CPU has them: see below). Units must be a multiple of 16 (lstm_cpu.py uses
+// the per-step ops otherwise).
 
 namespace {
 
@@ -319,6 +329,58 @@ inline void ForRowTile(int64_t tile, int64_t rows, Fn&& fn) {
     default: break;
   }
 }
+
+// ---- AMX: the bfloat16 recurrent product on Intel's tile unit, where the CPU has one ----------
+//
+// Why: an AMX core multiplies bfloat16 at several times its AVX512-BF16 rate (TensorFlow's oneDNN
+// matmul reaches ~1,100 GFLOP/s at 2048² on a 2-core Sapphire Rapids, against ~270 in fp32), so
+// there the vdpbf16ps tiles above left the bfloat16 ops slower than TensorFlow's per-step matmul.
+// A tile product covers 16 rows of the batch: A is 16 rows x 32 k of h (or dz), read in place; B is
+// 16 k pairs x 16 columns, which is exactly a stretch of the bfloat16 panels PackPanel writes
+// ([k/2][vector][lane][2], a row stride of vectors * 64 bytes); C is 16 x 16 float32. Used when the
+// batch is a multiple of 16 and units of 32 (else the AVX512-BF16 tiles), unless CHARRNN_AMX=0.
+constexpr int kAmxRows = 16;
+#if defined(CHARRNN_AMX)
+static_assert(kLanes == 16, "AMX tiles are 16 float32 columns wide");
+
+// Linux hands a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); oneDNN asks too, and asking again is harmless.
+bool AmxUsable() {
+  static const bool usable = [] {
+    const char* env = std::getenv("CHARRNN_AMX");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+
+// The tile configuration is per thread, and oneDNN's kernels load their own on the same threads:
+// each parallel chunk loads ours first and releases the tiles when done.
+struct TileScope {
+  TileScope() {
+    struct alignas(64) {
+      uint8_t palette = 1, start_row = 0, reserved[14] = {};
+      uint16_t colsb[16] = {};
+      uint8_t rows[16] = {};
+    } config;
+    for (int i = 0; i < 8; ++i) config.colsb[i] = 64, config.rows[i] = kAmxRows;
+    _tile_loadconfig(&config);
+  }
+  ~TileScope() { _tile_release(); }
+};
+#else
+inline bool AmxUsable() { return false; }
+struct TileScope {};
+#endif
+
+// A TileScope when `amx`, else nothing.
+struct TilesIf {
+  explicit TilesIf(bool amx) {
+    if (amx) scope.emplace();
+  }
+  std::optional<TileScope> scope;
+};
 
 absl::Status SequenceForwardShape(InferenceContext* c) {
   // xz [T, B, 4U], rk [U, 4U], h0 [B, U], c0 [B, U] -> hs [T, B, U], c_last [B, U], saved [T, B, 6U]
@@ -415,43 +477,90 @@ class LstmSequenceForward : public OpKernel {
     const float* xz_p = xz.flat<float>().data();
     Tmm* hs_p = hs->flat<Tmm>().data();
     float* s_p = saved->flat<float>().data();
-    const int64_t row_tiles = RowTiles(batch, kForwardRows);
+    const bool amx = std::is_same<Tmm, bfloat16>::value && batch % kAmxRows == 0 && u % 32 == 0 && AmxUsable();
+    const int64_t row_tiles = amx ? batch / kAmxRows : RowTiles(batch, kForwardRows);
     const int64_t tile_cost = kForwardRows * 4 * kLanes * (2 * u + 40);
+
+    // Row b's gates for units [j, j + kLanes) from its pre-activations z (i, f, g, o).
+    auto gates = [&](const Packet (&z)[4], int64_t b, int64_t j, Tmm* h_t, float* s_t) {
+      using Eigen::internal::pmadd;
+      using Eigen::internal::pmul;
+      using Eigen::internal::psub;
+      const Packet one = Broadcast(1.0f);
+      const Packet i = Sigmoid(z[0]), f = Sigmoid(z[1]);
+      const Packet g = Tanh(z[2]), o = Sigmoid(z[3]);
+      const Packet c_prev = Load(c + b * u + j);
+      const Packet cn = pmadd(f, c_prev, pmul(i, g));
+      const Packet tc = Tanh(cn);
+      Store(c + b * u + j, cn);
+      Store(h_t + b * u + j, pmul(o, tc));
+      float* s = s_t + b * 6 * u + j;
+      Store(s, pmul(g, psub(i, pmul(i, i))));
+      Store(s + u, pmul(c_prev, psub(f, pmul(f, f))));
+      Store(s + 2 * u, pmul(i, psub(one, pmul(g, g))));
+      Store(s + 3 * u, pmul(tc, psub(o, pmul(o, o))));
+      Store(s + 4 * u, pmul(o, psub(one, pmul(tc, tc))));
+      Store(s + 5 * u, f);
+    };
+
     for (int64_t t = 0; t < steps; ++t) {
       const Tmm* h_prev = t == 0 ? h0.flat<Tmm>().data() : hs_p + (t - 1) * batch * u;
       const float* x_t = xz_p + t * batch * 4 * u;
       Tmm* h_t = hs_p + t * batch * u;
       float* s_t = s_p + t * batch * 6 * u;
+#if defined(CHARRNN_AMX)
+      if constexpr (std::is_same<Tmm, bfloat16>::value) {
+        if (amx) {
+          // Item: 16 rows x 16 units; C tiles 0-3 the four gates (started from xz), A tile 4,
+          // B tiles 5 and 6 in turn.
+          ForEachRow(ctx, row_tiles * blocks, tile_cost, [&](int64_t begin, int64_t end) {
+            TileScope tiles;
+            alignas(64) float z[4][kAmxRows][kLanes];
+            for (int64_t item = begin; item < end; ++item) {
+              const int64_t blk = item / row_tiles, j = blk * kLanes, r0 = item % row_tiles * kAmxRows;
+              const float* x = x_t + r0 * 4 * u + j;
+              const int64_t x_stride = 4 * u * sizeof(float), b_stride = 4 * 64;
+              _tile_loadd(0, x, x_stride);
+              _tile_loadd(1, x + u, x_stride);
+              _tile_loadd(2, x + 2 * u, x_stride);
+              _tile_loadd(3, x + 3 * u, x_stride);
+              const Tmm* a = h_prev + r0 * u;
+              const Tmm* panel_k = panel + blk * u * 4 * kLanes;
+              for (int64_t k = 0; k < u; k += 32, panel_k += 16 * 4 * 32) {
+                _tile_loadd(4, a + k, u * sizeof(Tmm));
+                _tile_loadd(5, panel_k, b_stride);
+                _tile_dpbf16ps(0, 4, 5);
+                _tile_loadd(6, panel_k + 32, b_stride);
+                _tile_dpbf16ps(1, 4, 6);
+                _tile_loadd(5, panel_k + 64, b_stride);
+                _tile_dpbf16ps(2, 4, 5);
+                _tile_loadd(6, panel_k + 96, b_stride);
+                _tile_dpbf16ps(3, 4, 6);
+              }
+              _tile_stored(0, z[0], 64);
+              _tile_stored(1, z[1], 64);
+              _tile_stored(2, z[2], 64);
+              _tile_stored(3, z[3], 64);
+              for (int r = 0; r < kAmxRows; ++r) {
+                const Packet zr[4] = {Load(z[0][r]), Load(z[1][r]), Load(z[2][r]), Load(z[3][r])};
+                gates(zr, r0 + r, j, h_t, s_t);
+              }
+            }
+          });
+          continue;
+        }
+      }
+#endif
       ForEachRow(ctx, row_tiles * blocks, tile_cost, [&](int64_t begin, int64_t end) {
         for (int64_t item = begin; item < end; ++item) {
           const int64_t blk = item / row_tiles, j = blk * kLanes;
           ForRowTile<kForwardRows>(item % row_tiles, batch, [&](auto rows, int64_t r0) {
             constexpr int R = decltype(rows)::value;
-            using Eigen::internal::pmadd;
-            using Eigen::internal::pmul;
-            using Eigen::internal::psub;
             Packet acc[R][4];
             for (int r = 0; r < R; ++r)
               for (int g = 0; g < 4; ++g) acc[r][g] = Load(x_t + (r0 + r) * 4 * u + g * u + j);
             TileProduct<R, 4>(h_prev + r0 * u, u, panel + blk * u * 4 * kLanes, u, acc);
-            const Packet one = Broadcast(1.0f);
-            for (int r = 0; r < R; ++r) {
-              const int64_t b = r0 + r;
-              const Packet i = Sigmoid(acc[r][0]), f = Sigmoid(acc[r][1]);
-              const Packet g = Tanh(acc[r][2]), o = Sigmoid(acc[r][3]);
-              const Packet c_prev = Load(c + b * u + j);
-              const Packet cn = pmadd(f, c_prev, pmul(i, g));
-              const Packet tc = Tanh(cn);
-              Store(c + b * u + j, cn);
-              Store(h_t + b * u + j, pmul(o, tc));
-              float* s = s_t + b * 6 * u + j;
-              Store(s, pmul(g, psub(i, pmul(i, i))));
-              Store(s + u, pmul(c_prev, psub(f, pmul(f, f))));
-              Store(s + 2 * u, pmul(i, psub(one, pmul(g, g))));
-              Store(s + 3 * u, pmul(tc, psub(o, pmul(o, o))));
-              Store(s + 4 * u, pmul(o, psub(one, pmul(tc, tc))));
-              Store(s + 5 * u, f);
-            }
+            for (int r = 0; r < R; ++r) gates(acc[r], r0 + r, j, h_t, s_t);
           });
         }
       });
@@ -503,13 +612,38 @@ class LstmSequenceBackward : public OpKernel {
     const float* dhs_p = d_hs.flat<float>().data();
     const float* s_p = saved.flat<float>().data();
     Tmm* dz_p = dz->flat<Tmm>().data();
-    const int64_t row_tiles = RowTiles(batch, kBackwardRows);
+    const bool amx = std::is_same<Tmm, bfloat16>::value && batch % kAmxRows == 0 && u % wide == 0 && AmxUsable();
+    const int64_t row_tiles = amx ? batch / kAmxRows : RowTiles(batch, kBackwardRows);
     const int64_t tile_cost = kBackwardRows * wide * (8 * u + 20);
 
     // For one (row tile, unit block): dh_next[rows, block] = dz_src[rows] @ rk[block]^T (kept as
     // it is when dz_src is null), then then(r0, rows, j, width).
     auto recurrent_product = [&](const Tmm* dz_src, int64_t item, auto&& then) {
       const int64_t blk = item / row_tiles, j = blk * wide, w = std::min(wide, u - j);
+#if defined(CHARRNN_AMX)
+      if constexpr (std::is_same<Tmm, bfloat16>::value && kBackwardVectors == 2) {
+        if (amx) {  // 16 rows x 32 units: C tiles 0 and 1, A tile 4, B tiles 5 and 6
+          const int64_t r0 = item % row_tiles * kAmxRows;
+          if (dz_src != nullptr) {
+            _tile_zero(0);
+            _tile_zero(1);
+            const Tmm* a = dz_src + r0 * 4 * u;
+            const Tmm* panel_k = panel + j * 4 * u;
+            for (int64_t k = 0; k < 4 * u; k += 32, panel_k += 16 * 2 * 32) {
+              _tile_loadd(4, a + k, 4 * u * sizeof(Tmm));
+              _tile_loadd(5, panel_k, 2 * 64);
+              _tile_dpbf16ps(0, 4, 5);
+              _tile_loadd(6, panel_k + 32, 2 * 64);
+              _tile_dpbf16ps(1, 4, 6);
+            }
+            _tile_stored(0, dh_next + r0 * u + j, u * sizeof(float));
+            _tile_stored(1, dh_next + r0 * u + j + kLanes, u * sizeof(float));
+          }
+          then(r0, kAmxRows, j, w);
+          return;
+        }
+      }
+#endif
       ForRowTile<kBackwardRows>(item % row_tiles, batch, [&](auto rows, int64_t r0) {
         constexpr int R = decltype(rows)::value;
         auto product = [&](auto vectors) {
@@ -535,6 +669,7 @@ class LstmSequenceBackward : public OpKernel {
       const float* s_t = s_p + t * batch * 6 * u;
       Tmm* dz_t = dz_p + t * batch * 4 * u;
       ForEachRow(ctx, row_tiles * blocks, tile_cost, [&](int64_t begin, int64_t end) {
+        TilesIf tiles(amx);
         for (int64_t item = begin; item < end; ++item) {
           recurrent_product(dz_next, item, [&](int64_t r0, int rows, int64_t j, int64_t w) {
             using Eigen::internal::padd;
@@ -558,6 +693,7 @@ class LstmSequenceBackward : public OpKernel {
     }
     if (steps > 0) {  // dh0 = dz[0] @ rk^T (dh_last itself when there are no steps)
       ForEachRow(ctx, row_tiles * blocks, tile_cost, [&](int64_t begin, int64_t end) {
+        TilesIf tiles(amx);
         for (int64_t item = begin; item < end; ++item)
           recurrent_product(dz_p, item, [](int64_t, int, int64_t, int64_t) {});
       });
