@@ -1,10 +1,11 @@
 """The LSTM recurrence alone, forward and backward, per kernel: where the compiled ops' time goes.
 
-    python benchmarks/lstm_recurrence.py [--configs seed,cpu] [--repeats 5] [--matmul-dtype float32|bfloat16]
+    python benchmarks/lstm_recurrence.py [--configs seed,default,cpu] [--repeats 5] [--matmul-dtype float32|bfloat16]
                                          [--variants sequence_forward_op,sequence_backward_op,tf_matmul_loop]
 
 Prints one JSON object. For each config's shape (``train_throughput.py``'s: seed = batch 64, LSTM
-1024, input 256; cpu = batch 32, LSTM 384, input 64; 100 timesteps), milliseconds per call of:
+1024, input 256, 100 timesteps; default = params.yaml's (batch 16, LSTM 512, input 64, 200
+timesteps); cpu = batch 32, LSTM 384, input 64, 100 timesteps), milliseconds per call of:
 
 * ``fused_lstm`` forward + backward (a tf.function: values and all six gradients) with TensorFlow's
   ops only (``tfops``), the per-step compiled cell ops (``cell``) and the whole-sequence ops
@@ -12,8 +13,8 @@ Prints one JSON object. For each config's shape (``train_throughput.py``'s: seed
   optimizer;
 * the whole-sequence ops' forward and backward op alone (``sequence_forward_op``,
   ``sequence_backward_op``);
-* the floor they are compared with: TensorFlow's own matmul of the recurrence's shape, 100 in one
-  graph loop (``tf_matmul_loop``, [batch, units] @ [units, 4 units]), i.e. what the recurrent
+* the floor they are compared with: TensorFlow's own matmul of the recurrence's shape, one per timestep
+  in one graph loop (``tf_matmul_loop``, [batch, units] @ [units, 4 units]), i.e. what the recurrent
   matmuls of one direction cost in oneDNN with no gate arithmetic at all.
 
 Every variant is traced and warmed up alike (two calls), then the repeats run the variants in
@@ -35,10 +36,10 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import CONFIGS, SEQ, csv_list, machine_info  # noqa: E402
+from train_throughput import CONFIGS, csv_list, machine_info  # noqa: E402
 
 
-def variants(embedding: int, units: int, batch: int, mm_dtype) -> dict:
+def variants(embedding: int, units: int, batch: int, seq: int, mm_dtype) -> dict:
     """name -> a zero-argument callable that runs one call to completion."""
     import numpy as np
     import tensorflow as tf
@@ -47,7 +48,7 @@ def variants(embedding: int, units: int, batch: int, mm_dtype) -> dict:
 
     rng = np.random.default_rng(0)
     args = [tf.constant(rng.normal(0, s, shape).astype(np.float32)) for s, shape in (
-        (1, (batch, SEQ, embedding)), (0.5, (batch, units)), (0.5, (batch, units)),
+        (1, (batch, seq, embedding)), (0.5, (batch, units)), (0.5, (batch, units)),
         (0.1, (embedding, 4 * units)), (0.05, (units, 4 * units)), (0.1, (4 * units,)))]
     out = {}
     for name, compiled in (("tfops", False), ("cell", "cell"), ("sequence", "sequence")):
@@ -63,11 +64,11 @@ def variants(embedding: int, units: int, batch: int, mm_dtype) -> dict:
     ops = cell_ops.load()
     mmt = mm_dtype or tf.float32
     if cell_ops.runs_sequence(ops, mmt):
-        xz = tf.constant(rng.normal(0, 1, (SEQ, batch, 4 * units)).astype(np.float32))
+        xz = tf.constant(rng.normal(0, 1, (seq, batch, 4 * units)).astype(np.float32))
         rk = tf.cast(args[4], mmt)
         h0, c0 = tf.cast(args[1], mmt), args[2]
         hs, _, saved = ops.charrnn_lstm_sequence_forward(xz, rk, h0, c0)
-        d_hs = tf.ones([SEQ, batch, units])
+        d_hs = tf.ones([seq, batch, units])
         out["sequence_forward_op"] = lambda: ops.charrnn_lstm_sequence_forward(xz, rk, h0, c0)[0].numpy()
         out["sequence_backward_op"] = lambda: ops.charrnn_lstm_sequence_backward(
             d_hs, args[1], args[2], saved, rk)[0].numpy()
@@ -78,7 +79,7 @@ def variants(embedding: int, units: int, batch: int, mm_dtype) -> dict:
     @tf.function
     def matmul_loop():
         acc = tf.zeros([batch, 4 * units], mmt)
-        for _ in tf.range(SEQ):
+        for _ in tf.range(seq):
             acc += tf.matmul(h, rk)
         return acc
 
@@ -97,10 +98,10 @@ def main() -> None:
     import tensorflow as tf
 
     mm_dtype = None if args.matmul_dtype == "float32" else tf.bfloat16
-    report = {"machine": machine_info(), "matmul_dtype": args.matmul_dtype, "steps": SEQ, "configs": {}}
+    report = {"machine": machine_info(), "matmul_dtype": args.matmul_dtype, "configs": {}}
     for name in args.configs:
-        embedding, units, batch, _ = CONFIGS[name]
-        calls = variants(embedding, units, batch, mm_dtype)
+        embedding, units, batch, seq, _ = CONFIGS[name]
+        calls = variants(embedding, units, batch, seq, mm_dtype)
         if args.variants:
             unknown = sorted(set(args.variants) - set(calls))
             if unknown:
@@ -116,8 +117,8 @@ def main() -> None:
                 call()
                 times[k].append((time.perf_counter() - start) * 1e3)
         ms = {k: round(statistics.median(v), 1) for k, v in times.items()}
-        flop = 2 * batch * units * 4 * units * SEQ  # one direction's recurrent matmuls
-        result = {"batch": batch, "units": units, "input": embedding, "ms": ms,
+        flop = 2 * batch * units * 4 * units * seq  # one direction's recurrent matmuls
+        result = {"batch": batch, "units": units, "input": embedding, "steps": seq, "ms": ms,
                   "runs_ms": {k: [round(x, 1) for x in v] for k, v in times.items()}}
         if "tf_matmul_loop" in ms:
             result["tf_matmul_loop_gflops"] = round(flop / ms["tf_matmul_loop"] / 1e6, 1)

