@@ -250,15 +250,11 @@ constexpr int kPair = std::is_same<T, float>::value ? 1 : 2;  // k values per la
 
 inline Packet Load(const float* p) { return Eigen::internal::ploadu<Packet>(p); }
 inline void Store(float* p, Packet x) { Eigen::internal::pstoreu<float>(p, x); }
+#if defined(__AVX512BF16__)  // the bfloat16 kernels exist only there (see REGISTER below)
 inline void Store(bfloat16* p, Packet x) {
-#if defined(__AVX512BF16__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
-#else
-  float tmp[kLanes];
-  Store(tmp, x);
-  for (int i = 0; i < kLanes; ++i) p[i] = bfloat16(tmp[i]);
-#endif
 }
+#endif
 inline Packet Broadcast(float x) { return Eigen::internal::pset1<Packet>(x); }
 inline Packet Sigmoid(Packet x) { return Eigen::internal::scalar_logistic_op<float>().packetOp(x); }
 inline Packet Tanh(Packet x) { return Eigen::internal::ptanh(x); }
@@ -293,9 +289,9 @@ inline void TileProduct(const float* a, int64_t lda, const float* panel, int64_t
   }
 }
 
+#if defined(__AVX512BF16__)
 template <int R, int NV>
 inline void TileProduct(const bfloat16* a, int64_t lda, const bfloat16* panel, int64_t depth, Packet (&acc)[R][NV]) {
-#if defined(__AVX512BF16__)
   for (int64_t k = 0; k < depth; k += 2) {
     __m512bh b[NV];
 #pragma GCC unroll 8
@@ -310,8 +306,8 @@ inline void TileProduct(const bfloat16* a, int64_t lda, const bfloat16* panel, i
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, b[v]);
     }
   }
-#endif  // not registered without AVX512-BF16
 }
+#endif
 
 // The batch's rows split into row_tiles(kRows) tiles of as equal sizes as can be (32 rows with
 // kRows 6: 6, 6, 5, 5, 5, 5; no short tile left over). ForRowTile runs fn(R, row0), R a
