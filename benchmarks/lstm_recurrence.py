@@ -15,7 +15,10 @@ timesteps); cpu = batch 32, LSTM 384, input 64, 100 timesteps), milliseconds per
   ``sequence_backward_op``);
 * the floor they are compared with: TensorFlow's own matmul of the recurrence's shape, one per timestep
   in one graph loop (``tf_matmul_loop``, [batch, units] @ [units, 4 units]), i.e. what the recurrent
-  matmuls of one direction cost in oneDNN with no gate arithmetic at all.
+  matmuls of one direction cost in oneDNN with no gate arithmetic at all;
+* two of the float32 pieces the gradient runs around the ops: the recurrent kernel's gradient, one
+  matmul over all timesteps (``recurrent_weight_gradient``, [units, T*batch] @ [T*batch, 4 units]),
+  and the bias gradient (``bias_gradient``, a ``reduce_sum`` over T*batch rows).
 
 Every variant is traced and warmed up alike (two calls), then the repeats run the variants in
 turn (interleaved, so a noisy neighbour hits all); each figure is the median. ``--variants`` times
@@ -84,6 +87,15 @@ def variants(embedding: int, units: int, batch: int, seq: int, mm_dtype) -> dict
         return acc
 
     out["tf_matmul_loop"] = lambda: matmul_loop().numpy()
+
+    # Two of the pieces fused_lstm's gradient runs around the ops, over all timesteps at once.
+    hs = tf.constant(rng.normal(0, 0.5, (seq, batch, units)).astype(np.float32))
+    dz = tf.constant(rng.normal(0, 0.1, (seq, batch, 4 * units)).astype(np.float32))
+    weight_gradient = tf.function(lambda: tf.matmul(tf.reshape(hs, [-1, units]), tf.reshape(dz, [-1, 4 * units]),
+                                                    transpose_a=True))
+    bias_gradient = tf.function(lambda: tf.reduce_sum(tf.reshape(dz, [-1, 4 * units]), axis=0))
+    out["recurrent_weight_gradient"] = lambda: weight_gradient().numpy()
+    out["bias_gradient"] = lambda: bias_gradient().numpy()
     return out
 
 
