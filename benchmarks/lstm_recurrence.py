@@ -18,7 +18,8 @@ timesteps); cpu = batch 32, LSTM 384, input 64, 100 timesteps), milliseconds per
   matmuls of one direction cost in oneDNN with no gate arithmetic at all;
 * two of the float32 pieces the gradient runs around the ops: the recurrent kernel's gradient, one
   matmul over all timesteps (``recurrent_weight_gradient``, [units, T*batch] @ [T*batch, 4 units]),
-  and the bias gradient (``bias_gradient``, a ``reduce_sum`` over T*batch rows).
+  and the bias gradient as fused_lstm sums it (``bias_gradient``: over the batch, then over time)
+  and in one ``reduce_sum`` over all T*batch rows (``bias_gradient_one_reduce``, as it did before).
 
 Every variant is traced and warmed up alike (two calls), then the repeats run the variants in
 turn (interleaved, so a noisy neighbour hits all); each figure is the median. ``--variants`` times
@@ -93,9 +94,11 @@ def variants(embedding: int, units: int, batch: int, seq: int, mm_dtype) -> dict
     dz = tf.constant(rng.normal(0, 0.1, (seq, batch, 4 * units)).astype(np.float32))
     weight_gradient = tf.function(lambda: tf.matmul(tf.reshape(hs, [-1, units]), tf.reshape(dz, [-1, 4 * units]),
                                                     transpose_a=True))
-    bias_gradient = tf.function(lambda: tf.reduce_sum(tf.reshape(dz, [-1, 4 * units]), axis=0))
+    bias_gradient = tf.function(lambda: tf.reduce_sum(tf.reduce_sum(dz, axis=1), axis=0))
+    bias_gradient_one_reduce = tf.function(lambda: tf.reduce_sum(tf.reshape(dz, [-1, 4 * units]), axis=0))
     out["recurrent_weight_gradient"] = lambda: weight_gradient().numpy()
     out["bias_gradient"] = lambda: bias_gradient().numpy()
+    out["bias_gradient_one_reduce"] = lambda: bias_gradient_one_reduce().numpy()
     return out
 
 
