@@ -50,9 +50,9 @@ using ConstRowOf = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
 // Rows of the batch are independent; split them over TensorFlow's intra-op threads when the
 // work is big enough to pay for the hand-off (the split never changes any result). One block per
 // thread, not the cost model's smaller blocks: this runs once per timestep, and with those blocks
-// the sequence ops at the CPU-sized models' 16 x 512 and 32 x 384 took 1.31-1.39x the time of
-// TensorFlow's bare recurrent matmuls, with one block per thread 1.02-1.04x (lstm_recurrence.py,
-// 2-core Xeon).
+// the sequence ops at the CPU-sized models' 16 x 512 and 32 x 384 took 1.16-1.39x the time of
+// TensorFlow's bare recurrent matmuls over two runs, with one block per thread 1.02-1.04x
+// (lstm_recurrence.py, 2-core Xeon).
 void ForEachRow(OpKernelContext* ctx, int64_t rows, int64_t cost_per_row,
                 const std::function<void(int64_t, int64_t)>& fn) {
   constexpr int64_t kMinParallelCost = 100000;  // ~ cycles; below it the hand-off costs more
