@@ -18,12 +18,13 @@ from pathlib import Path
 STAGE = """
 import sys, resource, time
 from pathlib import Path
-from charrnn.config import DataConfig
+from charrnn.config import load_params, replace
 stage, corpus, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 start = time.perf_counter()
 if stage == "vectorize":
     from charrnn.vectorize import vectorize
-    vectorize(DataConfig(source=corpus), work / "vectorized", work / "downloads")
+    data = load_params(Path(sys.argv[4]), "data")
+    vectorize(replace(data, source=corpus, sha256=None), work / "vectorized", work / "downloads")
 else:
     from charrnn.sequences import build_sequences
     build_sequences(work / "vectorized", work / "sequences", 100, 32.0)
@@ -46,7 +47,8 @@ def make_corpus(path: Path, megabytes: int) -> int:
 
 
 def run_stage(stage: str, corpus: Path, work: Path) -> tuple[float, float]:
-    out = subprocess.run([sys.executable, "-c", STAGE, stage, str(corpus), str(work)],
+    out = subprocess.run([sys.executable, "-c", STAGE, stage, str(corpus), str(work),
+                          str(Path(__file__).resolve().parents[1] / "params.yaml")],
                          capture_output=True, text=True, check=True)
     seconds, maxrss_kb = out.stdout.split()[-2:]
     return float(seconds), int(maxrss_kb) / 1024

@@ -89,7 +89,8 @@ def main() -> None:
     else:
         vocabulary = Vocabulary([chr(c) for c in range(32, 32 + 65)])
         keras.utils.set_random_seed(0)
-        model = build_model(len(vocabulary), 256, 1024)
+        model = build_model(len(vocabulary), embedding_dim=256, rnn_units=1024, num_layers=1, dropout=0.0,
+                            cell="lstm")
     step_model = tutorial_model(model)
     generator = Generator(model, vocabulary)
     n = args.chars

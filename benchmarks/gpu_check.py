@@ -31,7 +31,8 @@ def batches(batch: int, steps: int, seed: int = 0) -> np.ndarray:
 
 def model_for(precision: str, units: int = 1024, embedding: int = 256, use_cudnn="auto"):
     keras.utils.set_random_seed(1)
-    model = build_model(VOCAB, embedding, units, precision=precision)
+    model = build_model(VOCAB, embedding_dim=embedding, rnn_units=units, num_layers=1, dropout=0.0, cell="lstm",
+                        precision=precision)
     if use_cudnn is False:
         model.get_layer("lstm").use_cudnn = False
     assert lstm_cpu.install_model(model) == 0, "the CPU kernel must stay out of the way on a GPU"

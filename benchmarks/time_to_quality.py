@@ -46,8 +46,8 @@ import numpy as np
 import tensorflow as tf
 
 from charrnn import lstm_cpu, precision, sequences
-from charrnn.config import DataConfig, TrainConfig, load_params
-from charrnn.model import build_model, compile_model, learning_rate_schedule
+from charrnn.config import TrainConfig, load_params, replace
+from charrnn.model import compile_model, learning_rate_schedule, model_from_config
 from charrnn.batches import training_dataset, validation_dataset
 from charrnn.train import configure_determinism
 from charrnn.vectorize import load_ids, vectorize
@@ -137,8 +137,8 @@ def stream_batches(ids: np.ndarray, batch_size: int, seq_length: int) -> tf.data
 
 def stream_loss(model: keras.Model, ids: np.ndarray, config, seq_length: int) -> float:
     """Mean loss over ``ids`` read as STREAM_EVAL contiguous streams with the state carried."""
-    twin = build_model(model.get_layer("logits").units, config.embedding_dim, config.rnn_units,
-                       config.num_layers, 0.0, config.precision, stateful_batch=STREAM_EVAL, cell=config.cell)
+    twin = model_from_config(model.get_layer("logits").units, replace(config, dropout=0.0),
+                             stateful_batch=STREAM_EVAL)
     twin.set_weights(model.get_weights())
     ids = np.asarray(ids, dtype=np.int32)
     per_stream = (len(ids) - 1) // STREAM_EVAL
@@ -168,7 +168,7 @@ def main() -> None:
                              "the steps the budget allows at the speed measured in a calibration run; "
                              "time: the older schedule on elapsed time (with --warmup-seconds)")
     known, _ = parser.parse_known_args()
-    defaults, sequence_defaults = load_params(known.params, "train", "sequences")
+    data_defaults, defaults, sequence_defaults = load_params(known.params, "data", "train", "sequences")
     parser.add_argument("--seq-length", type=int, default=sequence_defaults.seq_length)
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("batch_size", "embedding_dim", "rnn_units", "num_layers", "cell", "dropout",
@@ -176,15 +176,15 @@ def main() -> None:
             kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" ")[0], float)
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=getattr(defaults, field.name))
     args = parser.parse_args()
-    config = TrainConfig(batch_size=args.batch_size, embedding_dim=args.embedding_dim, rnn_units=args.rnn_units,
-                         num_layers=args.num_layers, cell=args.cell, dropout=args.dropout,
-                         learning_rate=args.learning_rate, clipnorm=args.clipnorm, weight_decay=args.weight_decay,
-                         precision=args.precision, seed=args.seed,
-                         epochs=1_000, lr_decay_fraction=args.lr_decay_fraction, jit_compile=args.jit_compile)
+    config = replace(defaults, batch_size=args.batch_size, embedding_dim=args.embedding_dim, rnn_units=args.rnn_units,
+                     num_layers=args.num_layers, cell=args.cell, dropout=args.dropout,
+                     learning_rate=args.learning_rate, clipnorm=args.clipnorm, weight_decay=args.weight_decay,
+                     precision=args.precision, seed=args.seed,
+                     epochs=1_000, lr_decay_fraction=args.lr_decay_fraction, jit_compile=args.jit_compile)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        vectorized = vectorize(DataConfig(source=args.corpus, val_fraction=0.1), tmp / "vec", tmp / "cache")
+        vectorized = vectorize(replace(data_defaults, source=args.corpus, sha256=None), tmp / "vec", tmp / "cache")
         manifest = sequences.build_sequences(tmp / "vec", tmp / "seq", args.seq_length, 32.0)
         train_shards = [(p, s["windows"]) for p, s in zip(sequences.shard_paths(tmp / "seq", manifest, "train"),
                                                          manifest["splits"]["train"]["shards"])]
@@ -197,8 +197,7 @@ def main() -> None:
         configure_determinism(config)
         stateful = args.layout == "streams"
         def new_model(stateful_batch=None, precision=None):
-            model = build_model(vocab_size, config.embedding_dim, config.rnn_units, config.num_layers, config.dropout,
-                                precision or config.precision, stateful_batch=stateful_batch, cell=config.cell)
+            model = model_from_config(vocab_size, config, precision=precision, stateful_batch=stateful_batch)
             lstm_cpu.install_model(model)  # as the train stage does
             return model
 

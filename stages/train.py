@@ -6,6 +6,7 @@ from pathlib import Path
 
 from charrnn.config import as_flat_dict, load_params
 from charrnn.errors import UserError, exit_on_user_error
+from charrnn.files import remove_leftovers
 from charrnn.quiet import importing_tensorflow, quiet_python_logs
 from charrnn.threads import configure_threads, threads_from_env
 from charrnn.tracking import check_server
@@ -29,6 +30,7 @@ def main():
         raise UserError(f"{args.corpus} not found (written by `vectorize` since this version); "
                         "rerun `dvc repro vectorize`")
     corpus = json.loads(args.corpus.read_text(encoding="utf-8"))
+    remove_leftovers(args.model, args.history)  # the checkpoint folder sweeps its own
     check_server()
     threads_from_env()  # a bad CHARRNN_THREADS fails before TensorFlow loads
     with importing_tensorflow():  # TensorFlow takes ~10 s to load: params and server first

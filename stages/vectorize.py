@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 from charrnn.config import load_params
+from charrnn.files import remove_leftovers
 from charrnn.errors import exit_on_user_error
 from charrnn.vectorize import vectorize
 
@@ -16,6 +17,7 @@ def main():
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     data = load_params(args.params, "data")
+    remove_leftovers(args.out)
     result = vectorize(data, args.out, args.cache)
     print(f"vocabulary: {len(result.vocabulary)} symbols; train {result.train_chars:,} chars, "
           f"val {result.val_chars:,} chars -> {args.out}")

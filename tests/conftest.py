@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,13 @@ TINY_PARAMS = {
     "sample": {"length": 80},
     "mlflow": {"experiment": "tests"},
 }
+
+
+def defaults(section: str, **changes):
+    """params.yaml's typed ``section`` (the one source of defaults), with ``changes`` applied."""
+    from charrnn.config import load_params, replace
+
+    return replace(load_params(REPO / "params.yaml", section), **changes)
 
 
 def small_text(chars: int = 30_000) -> str:
@@ -85,6 +93,48 @@ def make_project(root: Path, corpus: str, overrides: dict | None = None) -> Path
 @pytest.fixture
 def project(tmp_path, corpus_text) -> Path:
     return make_project(tmp_path / "project", corpus_text)
+
+
+# What each stage writes (dvc.yaml), and the MLflow store: removed from a copy to step it back.
+STAGE_OUTPUTS = {
+    "vectorize": ("data/vectorized",),
+    "sequences": ("data/sequences",),
+    "train": ("models", "checkpoints", "metrics/history.csv", "mlflow.db", "mlruns"),
+    "evaluate": ("metrics/evaluate.json", "samples"),
+}
+STAGES = tuple(STAGE_OUTPUTS)
+
+
+@dataclass(frozen=True)
+class TrainedProject:
+    path: Path
+    repro: subprocess.CompletedProcess  # the first `dvc repro`, all four stages
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory, corpus_text) -> TrainedProject:
+    """The tiny pipeline after one `dvc repro`, built once: tests that start from a trained (or a
+    partly run) project work on a copy of it (``copy_project``), never on it."""
+    path = make_project(tmp_path_factory.mktemp("trained") / "project", corpus_text)
+    return TrainedProject(path, dvc(path, "repro"))
+
+
+def copy_project(trained: TrainedProject, dest: Path, upto: str = "evaluate", overrides: dict | None = None) -> Path:
+    """A copy of the trained project with the outputs of the stages after ``upto`` removed (so
+    ``upto="sequences"`` is a project whose next stage is train, with no MLflow store yet), and
+    ``overrides`` applied to its params. The MLflow store, where kept, is the trained one: its runs'
+    artifacts stay in the original's ``mlruns`` (the experiment's artifact location is absolute)."""
+    shutil.copytree(trained.path, dest, symlinks=True)
+    for stage in STAGES[STAGES.index(upto) + 1:]:
+        for relative in STAGE_OUTPUTS[stage]:
+            target = dest / relative
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    if overrides:
+        write_params(dest, overrides)
+    return dest
 
 
 def dvc(project: Path, *args, env=None, check=True):

@@ -33,7 +33,8 @@ def global_batches() -> np.ndarray:
 
 def build(precision: str):
     keras.utils.set_random_seed(1)
-    model = build_model(VOCAB, 8, 16, precision=precision)
+    model = build_model(VOCAB, embedding_dim=8, rnn_units=16, num_layers=1, dropout=0.0, cell="lstm",
+                        precision=precision)
     lstm_cpu.install_model(model)
     compile_model(model, 0.01, clipnorm=CLIPNORM)
     return model

@@ -3,10 +3,10 @@ stderr with ONE line ``error: ...`` that names the problem, print no traceback, 
 partial output and no temporary file behind.
 
 The stages run as subprocesses, exactly as DVC runs them: the command lines are dvc.yaml's
-``cmd`` with the paths of its ``vars``. A process that loads TensorFlow costs ~10 s of CPU, so a
-module fixture builds the upstream artifacts once (vectorize -> sequences -> one tiny training
-run) and then runs the selected cases two at a time in a thread pool (one per core), each in its
-own copy of the project; each test waits for and checks its own case.
+``cmd`` with the paths of its ``vars``. A process that loads TensorFlow costs seconds of CPU, so
+the upstream artifacts are copies of the session's trained tiny project (``trained_project``),
+stepped back to the stage a case needs, and the selected cases run two at a time in a thread
+pool (one per core), each in its own copy; each test waits for and checks its own case.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from conftest import BIN, REPO, make_project, run, small_text, write_params
+from conftest import BIN, REPO, copy_project, make_project, run, small_text, write_params
 
 # ---- the pipeline, as dvc.yaml declares it ----------------------------------------------------
 
@@ -149,6 +149,23 @@ def drop_last_vocabulary_char(project: Path) -> None:
     path.write_text(json.dumps(vocab), encoding="utf-8")
 
 
+def drop_param(section: str, key: str):
+    def prepare(project: Path) -> None:
+        path = project / "params.yaml"
+        params = yaml.safe_load(path.read_text())
+        del params[section][key]
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+    return prepare
+
+
+def drop_section(project: Path, section: str) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    del params[section]
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def param_case(section: str, key: str, value, command: str, base: str, expect=None) -> pytest.param:
     case = Case(
         f"{section}.{key}={value!r}", command,
@@ -209,6 +226,11 @@ PARAMS_CASES = [
              base="sequences", params={"train": {"rnn_units": "many"}}),
         Case("section-not-a-mapping", "sequences", ("'sequences' must be a mapping",),
              base="vectorized", params_text="sequences: 100\n"),
+        # params.yaml is the one source of defaults: a deleted key is refused, never filled in.
+        Case("missing-key", "train", ("missing key 'train.dropout'", "git show HEAD:params.yaml"),
+             base="sequences", prepare=drop_param("train", "dropout")),
+        Case("missing-section", "evaluate", ("missing section 'sample'",),
+             base="model", prepare=lambda project: drop_section(project, "sample")),
     ),
     *(param_case("sequences", "seq_length", v, "sequences", "vectorized") for v in (0, -1, 2.5)),
     *(param_case("train", key, v, "train", "sequences")
@@ -416,8 +438,8 @@ def selected_cases(request) -> list[Case]:
 
 
 @pytest.fixture(scope="module")
-def outcomes(request, tmp_path_factory):
-    """Build the upstream artifacts once, then run the selected cases two at a time."""
+def outcomes(request, tmp_path_factory, trained_project):
+    """Lay out the upstream artifacts once, then run the selected cases two at a time."""
     root = tmp_path_factory.mktemp("bad_input")
     www = root / "www"
     www.mkdir()
@@ -438,22 +460,21 @@ def outcomes(request, tmp_path_factory):
                 futures[case.id] = pool.submit(ctx.run_case, case)
 
     try:
-        # Each base is the previous one plus one stage; cases start as soon as theirs is ready.
-        chain = ["fresh", "vectorized", "sequences", "model"]
-        last = max(chain.index(b) for b in needed) if needed else -1
-        previous = None
-        for index, (base, stage) in enumerate(zip(chain, (None, "vectorize", "sequences", "train"))):
-            if index > last:
-                break
+        # Each base is the trained project up to one stage (fresh: none); "model" has the MLflow
+        # store of its training, the earlier ones none.
+        for base, upto in (("fresh", None), ("vectorized", "vectorize"), ("sequences", "sequences"),
+                           ("model", "train")):
+            if base not in needed:
+                continue
             path = root / "bases" / base
-            if previous is None:
+            if upto is None:
                 make_project(path, small_text())
             else:
-                shutil.copytree(previous, path, symlinks=True)
-                run(list(stage_argv(stage)), path, timeout=900)
-            if base == "sequences":
-                ctx.set_model_facts(path / PATHS["sequences"])
-            ctx.bases[base] = previous = path
+                copy_project(trained_project, path, upto=upto)
+            ctx.bases[base] = path
+        if {"sequences", "model"} & needed:
+            ctx.set_model_facts(trained_project.path / PATHS["sequences"])
+        for base in ctx.bases:
             submit(base)
         yield ctx, futures
     finally:

@@ -190,7 +190,7 @@ def test_each_window_is_seen_once_per_pass_over_uneven_shards(tmp_path):
     """Through the real stream: uneven TFRecord shards, 1-3 workers, one pass of every worker's
     batches covers each window at most once, all but fewer than workers x local batch of them."""
     from charrnn.batches import training_dataset
-    from charrnn.config import TrainConfig
+    from conftest import defaults
     from charrnn.distribute import worker_windows
     from charrnn.sequences import write_shards
 
@@ -200,13 +200,13 @@ def test_each_window_is_seen_once_per_pass_over_uneven_shards(tmp_path):
     shards = [(str(tmp_path / s["file"]), s["windows"]) for s in info["shards"]]
     assert len({n for _, n in shards}) > 1 and info["windows"] == 101  # uneven
     for workers in (1, 2, 3):
-        local = TrainConfig(batch_size=4 * workers, shuffle_buffer=7, seed=3)
+        local = defaults("train", batch_size=4 * workers, shuffle_buffer=7, seed=3)
         batch = local.batch_size // workers
         seen = []
         for w in range(workers):
             pieces = worker_windows(shards, w, workers)
             per_pass = sum(take for _, _, take in pieces) // batch
-            stream = training_dataset(pieces, seq_length, TrainConfig(batch_size=batch, shuffle_buffer=7, seed=3), 0)
+            stream = training_dataset(pieces, seq_length, defaults("train", batch_size=batch, shuffle_buffer=7, seed=3), 0)
             seen += [int(x[0]) // 2 for xs, _ in stream.take(per_pass) for x in xs.numpy()]
         assert len(seen) == len(set(seen)), f"{workers} workers: a window twice in one pass"
         assert 101 - len(seen) < workers * batch + workers, f"{workers} workers left out {101 - len(seen)}"

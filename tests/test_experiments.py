@@ -8,7 +8,7 @@ import json
 import mlflow
 import pytest
 
-from conftest import dvc, run, wait_for_queue
+from conftest import copy_project, dvc, run, wait_for_queue
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +28,8 @@ def shown_metrics(project) -> dict[str, dict]:
 
 
 
-def test_every_experiment_carries_its_metrics_and_curves(project):
-    dvc(project, "repro")
+def test_every_experiment_carries_its_metrics_and_curves(trained_project, tmp_path):
+    project = copy_project(trained_project, tmp_path / "project")  # after `dvc repro`
     run(["git", "add", "dvc.lock", "metrics"], project)  # the README's baseline step
     run(["git", "commit", "-q", "-m", "baseline run"], project)
     dvc(project, "exp", "run", "-n", "narrow", "-S", "train.rnn_units=16")

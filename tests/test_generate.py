@@ -22,8 +22,8 @@ def vocabulary():
 
 def _model(vocabulary, num_layers=1, precision="float32", seed=3, cell="lstm"):
     keras.utils.set_random_seed(seed)
-    return build_model(len(vocabulary), embedding_dim=8, rnn_units=24, num_layers=num_layers, precision=precision,
-                       cell=cell)
+    return build_model(len(vocabulary), embedding_dim=8, rnn_units=24, num_layers=num_layers, dropout=0.0,
+                       precision=precision, cell=cell)
 
 
 @pytest.fixture(scope="module")

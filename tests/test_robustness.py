@@ -13,7 +13,7 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import BIN, dvc, make_project, run
+from conftest import BIN, copy_project, dvc, run
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +26,8 @@ def lock_outputs(project) -> dict:
     return {(name, out["path"]): out.get("md5") for name, st in lock["stages"].items() for out in st.get("outs", [])}
 
 
-def test_forced_repro_twice_gives_identical_outputs(tmp_path, corpus_text):
-    project = make_project(tmp_path / "p", corpus_text)
-    dvc(project, "repro")
+def test_a_forced_repro_in_another_folder_gives_identical_outputs(trained_project, tmp_path):
+    project = copy_project(trained_project, tmp_path / "p")
     first = lock_outputs(project)
     dvc(project, "repro", "--force")
     assert lock_outputs(project) == first
@@ -62,15 +61,35 @@ def _state_epoch(project) -> int:
 
 # How each case interrupts the first training: a crash point (SIGKILL at a named instant of the
 # checkpoint protocol or the final save), or a signal sent from outside after `epoch` epochs plus
-# `delay` seconds (mid-epoch when delay > 0).
+# `delay` seconds (mid-epoch when delay > 0). A crash point's instant is pinned by what it leaves:
+# the epoch state.json names, the checkpoint folder's files, whether the model folder exists, and
+# the registered versions (None: untagged, True: tagged).
 KILLS = {
     "sigkill-mid-epoch": dict(signal=signal.SIGKILL, epoch=1, delay=1.0),
-    "crash-between-model-and-state": dict(crash="checkpoint-model-written@2"),
-    "crash-before-old-model-removed": dict(crash="checkpoint-state-written@3"),
-    "crash-after-final-model-saved": dict(crash="final-model-saved"),
+    "crash-between-model-and-state": dict(
+        crash="checkpoint-model-written@2",
+        leaves=dict(epoch=1, files={"state.json", "epoch-0001.keras", "epoch-0002.keras"}, model=False, versions=[])),
+    "crash-before-old-model-removed": dict(
+        crash="checkpoint-state-written@3",
+        leaves=dict(epoch=3, files={"state.json", "epoch-0002.keras", "epoch-0003.keras"}, model=False, versions=[])),
+    "crash-after-final-model-saved": dict(
+        crash="final-model-saved",
+        leaves=dict(epoch=4, files={"state.json", "epoch-0004.keras"}, model=True, versions=[])),
+    "crash-after-model-registered": dict(
+        crash="model-registered",
+        leaves=dict(epoch=4, files={"state.json", "epoch-0004.keras"}, model=True, versions=[False])),
+    "crash-after-final-model-logged": dict(
+        crash="final-model-logged",
+        leaves=dict(epoch=4, files={"state.json", "epoch-0004.keras"}, model=True, versions=[True])),
     "sigterm-mid-epoch": dict(signal=signal.SIGTERM, epoch=1, delay=1.0),
     "sigint-mid-epoch": dict(signal=signal.SIGINT, epoch=2, delay=0.5),
 }
+VERSION_TAGS = {"val_loss", "run_name"}
+
+
+def _versions(project, run_id) -> list:
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    return client.search_model_versions(f"run_id = '{run_id}'")
 
 
 def _interrupt(project, how) -> subprocess.CompletedProcess | int:
@@ -92,11 +111,10 @@ def _interrupt(project, how) -> subprocess.CompletedProcess | int:
 
 
 @pytest.fixture(scope="module")
-def trained_base(tmp_path_factory, corpus_text):
+def trained_base(tmp_path_factory, trained_project):
     """A project with sequences built, and a reference: the same training, never interrupted."""
     root = tmp_path_factory.mktemp("kills")
-    base = make_project(root / "base", corpus_text, RESUME_PARAMS)
-    dvc(base, "repro", "sequences")
+    base = copy_project(trained_project, root / "base", upto="sequences", overrides=RESUME_PARAMS)
     reference = root / "reference"
     shutil.copytree(base, reference)
     run(TRAIN_ARGV, reference, env=_env())
@@ -116,11 +134,20 @@ def test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(t
     assert (checkpoint / state["model_file"]).is_file() and state["model_file"] == f"epoch-{state['epoch']:04d}.keras"
     assert len(state["history"]) == state["epoch"] >= 1
     (stuck,) = _runs(project)
+    if "leaves" in how:  # the instant the crash point names, read off the disk and the registry
+        leaves = how["leaves"]
+        assert state["epoch"] == leaves["epoch"], state
+        assert {p.name for p in checkpoint.iterdir()} == leaves["files"]
+        assert (project / "models/char_rnn/model.keras").is_file() == leaves["model"]
+        versions = _versions(project, stuck.info.run_id)
+        assert [VERSION_TAGS <= set(v.tags) for v in versions] == leaves["versions"], [v.tags for v in versions]
     if how.get("signal") in (signal.SIGTERM, signal.SIGINT):  # a handled signal: a true record, one line
         assert first.returncode == 128 + how["signal"], first.stderr[-2000:]
+        assert [line for line in first.stderr.splitlines() if line.startswith("error: ")] == [
+            first.stderr.strip().splitlines()[-1]]
         assert first.stderr.strip().splitlines()[-1].startswith("error: interrupted by SIG")
         assert "Traceback" not in first.stderr
-        assert stuck.info.status == "KILLED"
+        assert stuck.info.status == "KILLED" and "SIG" in stuck.data.tags["charrnn.error"]
     else:
         assert stuck.info.status == "RUNNING"  # kill -9 gives MLflow no chance to close it
 
@@ -132,8 +159,13 @@ def test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(t
     assert "model_file" not in json.loads((checkpoint / "state.json").read_text())
     (finished,) = _runs(project)  # continued, not duplicated
     assert finished.info.run_id == stuck.info.run_id and finished.info.status == "FINISHED"
+    assert "charrnn.error" not in finished.data.tags  # the interruption is over: no stale error
+    (version,) = _versions(project, finished.info.run_id)  # registered once, tagged
+    assert VERSION_TAGS <= set(version.tags) and version.tags["run_name"] == finished.info.run_name
+    assert float(version.tags["val_loss"]) == pytest.approx(finished.data.metrics["val_loss"], abs=1e-6)
     client = mlflow.MlflowClient()
-    for key in ("loss", "val_loss", "epoch", "learning_rate"):
+    assert {"loss", "val_loss", "epoch", "learning_rate", "tokens_per_second"} <= set(finished.data.metrics)
+    for key in finished.data.metrics:  # every metric the run logs, system/* included
         steps = [m.step for m in client.get_metric_history(finished.info.run_id, key)]
         assert len(steps) == len(set(steps)), f"{key} has duplicate points after the resume: {sorted(steps)}"
     val_steps = sorted(m.step for m in client.get_metric_history(finished.info.run_id, "val_loss"))
@@ -169,9 +201,31 @@ def test_a_resume_updates_raised_epochs_and_never_writes_into_a_deleted_run(trai
     assert mlflow.get_run(old.info.run_id).info.lifecycle_stage == "deleted"
 
 
-def test_a_failing_stage_marks_its_run_failed(tmp_path, corpus_text):
-    project = make_project(tmp_path / "p", corpus_text)
-    dvc(project, "repro", "sequences")
+def test_a_checkpoint_that_cannot_be_resumed_ends_its_run_killed_naming_the_new_one(trained_base):
+    root, base, _ = trained_base
+    project = root / "abandoned"
+    shutil.copytree(base, project)
+    _interrupt(project, {"crash": "checkpoint-state-written@1"})
+    (old,) = _runs(project)
+    assert old.info.status == "RUNNING"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["epochs"], params["train"]["learning_rate"] = 1, 0.02  # another resume key
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    output = run(TRAIN_ARGV, project, env=_env())
+    assert "resuming" not in output.stdout + output.stderr
+    runs = {r.info.run_id: r for r in _runs(project)}
+    new = next(r for rid, r in runs.items() if rid != old.info.run_id)
+    assert len(runs) == 2 and new.info.status == "FINISHED"
+    ended = runs[old.info.run_id]
+    assert ended.info.status == "KILLED" and "could not be resumed" in ended.data.tags["charrnn.error"]
+    assert ended.data.tags["charrnn.superseded_by"] == new.info.run_id
+
+
+def test_a_failing_stage_marks_its_run_failed(trained_base):
+    root, base, _ = trained_base
+    project = root / "failing"
+    shutil.copytree(base, project)
     manifest = json.loads((project / "data/sequences/manifest.json").read_text())
     shard = project / "data/sequences" / manifest["splits"]["val"]["shards"][0]["file"]
     data = bytearray(shard.read_bytes())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, dvc, make_project, run, wait_for_queue
+from conftest import BIN, copy_project, dvc, make_project, run, wait_for_queue
 
 pytestmark = pytest.mark.slow
 
@@ -176,11 +176,10 @@ def test_parallel_queue_records_every_run_on_a_postgres_server(tmp_path, corpus_
 # ---- 2. a DVC remote: push, clone, pull, nothing to rerun ---------------------------------------
 
 
-def test_a_clone_pulls_everything_from_the_remote_and_reruns_nothing(tmp_path, corpus_text):
-    project = make_project(tmp_path / "project", corpus_text, {"train": {"epochs": 1}})
+def test_a_clone_pulls_everything_from_the_remote_and_reruns_nothing(tmp_path, trained_project):
+    project = copy_project(trained_project, tmp_path / "project")  # after `dvc repro`
     storage = tmp_path / "storage"
     dvc(project, "remote", "add", "-d", "storage", str(storage))
-    dvc(project, "repro")
     dvc(project, "push")
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-q", "-m", "run and remote"], project)
@@ -221,10 +220,9 @@ def _state(project) -> dict:
 
 
 def test_a_server_that_goes_down_mid_training_fails_in_one_line_and_the_rerun_resumes(
-        tmp_path, corpus_text, mlflow_server):
-    project = make_project(tmp_path / "project", corpus_text,
-                           {"train": {"epochs": 6, "steps_per_epoch": 25, "rnn_units": 48}})
-    dvc(project, "repro", "sequences")
+        tmp_path, trained_project, mlflow_server):
+    project = copy_project(trained_project, tmp_path / "project", upto="sequences",
+                           overrides={"train": {"epochs": 6, "steps_per_epoch": 25, "rnn_units": 48}})
 
     # A database the stage cannot use: one line in seconds (MLflow alone retries for two minutes).
     wrong_role = f"{mlflow_server.backend.rsplit('@', 1)[0].split('://')[0]}://nobody:secret@127.0.0.1:5432/x"

@@ -11,18 +11,57 @@ import numpy as np
 import pytest
 
 from charrnn import corpus, sequences
-from charrnn.config import DataConfig
+from charrnn.config import AUTO_BFLOAT16_MIN_SPEEDUP
 from charrnn.errors import UserError
 from charrnn.model import build_model
 from charrnn.vectorize import load_ids, vectorize
 from charrnn.vocabulary import Vocabulary
+from conftest import REPO, defaults
 
 
-def test_seed_config_has_the_tutorials_parameter_counts():
-    model = build_model(65, embedding_dim=256, rnn_units=1024)
+def test_the_tutorial_preset_is_the_tutorials_model_with_its_parameter_counts():
+    """`dvc exp run $(charrnn preset tutorial)` over params.yaml: the seed model, 5,330,241 parameters."""
+    import yaml
+
+    from charrnn.cli import main as cli
+    from charrnn.config import PRESETS, apply_preset, parse_section, read_params_file
+    from charrnn.model import model_from_config
+
+    raw = apply_preset(read_params_file(REPO / "params.yaml"), "tutorial")
+    train, seqs = parse_section("train", raw["train"]), parse_section("sequences", raw["sequences"])
+    assert (train.batch_size, seqs.seq_length, train.learning_rate) == (64, 100, 1e-3)
+    assert (train.dropout, train.clipnorm, train.weight_decay, train.lr_decay_fraction) == (0, None, 0, 0)
+    model = model_from_config(65, train, precision="float32")
     counts = {layer.name: layer.count_params() for layer in model.layers if layer.count_params()}
     assert counts == {"embedding": 16_640, "lstm": 5_246_976, "logits": 66_625}
     assert model.count_params() == 5_330_241
+
+    # What the CLI prints is what `dvc exp run -S` reads: YAML values, one -S per key.
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli(["preset", "tutorial"])
+    words = out.getvalue().split()
+    assert words[::2] == ["-S"] * len(PRESETS["tutorial"])
+    written = dict(word.split("=", 1) for word in words[1::2])
+    assert {k: yaml.safe_load(v) for k, v in written.items()} == PRESETS["tutorial"]
+
+
+def test_a_key_missing_from_params_yaml_is_refused_naming_it():
+    """params.yaml is the one source of defaults: no second value fills a gap."""
+    from charrnn.config import SECTIONS, parse_section, read_params_file
+
+    raw = read_params_file(REPO / "params.yaml")
+    assert set(raw) == set(SECTIONS)
+    for section, values in raw.items():
+        parse_section(section, values)  # complete as shipped
+        for key in values:
+            with pytest.raises(UserError, match=rf"^params.yaml: missing key '{section}.{key}'; .*git show"):
+                parse_section(section, {k: v for k, v in values.items() if k != key})
+    with pytest.raises(UserError, match="missing section 'train'"):
+        parse_section("train", None)
 
 
 def test_vocabulary_round_trip(tmp_path):
@@ -44,7 +83,7 @@ def test_vectorize_splits_head_and_tail_without_overlap(tmp_path, corpus_text, m
     monkeypatch.setattr("charrnn.vectorize.CHUNK_CHARS", 4096)  # several chunks, one straddling the split
     source = tmp_path / "corpus.txt"
     source.write_text(corpus_text, encoding="utf-8")
-    result = vectorize(DataConfig(source=str(source), val_fraction=0.1), tmp_path / "out", tmp_path / "cache")
+    result = vectorize(defaults("data", source=str(source), val_fraction=0.1), tmp_path / "out", tmp_path / "cache")
     vocabulary, train, val = load_ids(tmp_path / "out")
     ids = vocabulary.encode(corpus_text)
     assert len(train) == result.train_chars and len(val) == result.val_chars
@@ -57,7 +96,7 @@ def test_vectorize_splits_head_and_tail_without_overlap(tmp_path, corpus_text, m
 def test_tfrecord_round_trip(tmp_path, corpus_text):
     source = tmp_path / "corpus.txt"
     source.write_text(corpus_text, encoding="utf-8")
-    vectorize(DataConfig(source=str(source)), tmp_path / "vec", tmp_path / "cache")
+    vectorize(defaults("data", source=str(source)), tmp_path / "vec", tmp_path / "cache")
     seq_length = 50
     manifest = sequences.build_sequences(tmp_path / "vec", tmp_path / "seq", seq_length, shard_size_mb=0.02)
     _, train, val = load_ids(tmp_path / "vec")
@@ -121,7 +160,7 @@ def test_url_source_downloads_once_and_verifies(tmp_path, http_root, corpus_text
     assert path.read_bytes() == payload and path.parent == cache
     (root / "shakespeare.txt").unlink()  # a second use must not touch the network
     assert corpus.download(f"{base}/shakespeare.txt", sha, cache) == path
-    result = vectorize(DataConfig(source=f"{base}/shakespeare.txt", sha256=sha), tmp_path / "vec", cache)
+    result = vectorize(defaults("data", source=f"{base}/shakespeare.txt", sha256=sha), tmp_path / "vec", cache)
     assert result.train_chars + result.val_chars == len(corpus_text)
 
 
@@ -137,11 +176,10 @@ def test_url_checksum_mismatch_caches_nothing(tmp_path, http_root):
 def test_a_checkpoint_resumes_under_another_strategy_but_not_other_params():
     from dataclasses import replace
 
-    from charrnn.config import TrainConfig
     from charrnn.checkpoints import resume_key
 
     manifest = {"seq_length": 100, "splits": {}}
-    base = TrainConfig()
+    base = defaults("train", lr_decay_fraction=0.0)  # epochs are part of the key under a decay (below)
     key = resume_key(base, manifest)
     assert resume_key(replace(base, strategy="multi_worker"), manifest) == key
     assert resume_key(replace(base, epochs=base.epochs + 5), manifest) == key
@@ -158,7 +196,7 @@ def test_lstm_arguments_stay_cudnn_compatible(num_layers):
     """On a GPU Keras runs the fused cuDNN kernel only for these argument values."""
     from charrnn.model import lstm_layers
 
-    for layer in lstm_layers(build_model(65, 8, 16, num_layers=num_layers, dropout=0.1)):
+    for layer in lstm_layers(build_model(65, embedding_dim=8, rnn_units=16, num_layers=num_layers, dropout=0.1, cell="lstm")):
         config = layer.get_config()
         assert config["activation"] == "tanh" and config["recurrent_activation"] == "sigmoid"
         assert config["recurrent_dropout"] == 0 and config["unroll"] is False and config["use_bias"] is True
@@ -170,7 +208,7 @@ def test_numbers_are_accepted_as_people_write_them(written, value):
     """PyYAML (YAML 1.1) reads `3e-3` as a string; params.yaml accepts it as the number it spells."""
     from charrnn.config import parse_section
 
-    parsed = parse_section("train", {"learning_rate": written})
+    parsed = parse_section("train", {**vars(defaults("train")), "learning_rate": written})
     assert parsed.learning_rate == value and isinstance(parsed.learning_rate, float)
 
 
@@ -181,14 +219,14 @@ def test_integers_written_as_numbers_and_non_finite_values():
 
     raw = yaml.safe_load("steps_per_epoch: 1e3\nbatch_size: 64\nlearning_rate: 3e-3\n")
     assert raw["learning_rate"] == "3e-3"  # the trap itself
-    parsed = parse_section("train", raw)
+    parsed = parse_section("train", {**vars(defaults("train")), **raw})
     assert (parsed.steps_per_epoch, parsed.batch_size, parsed.learning_rate) == (1000, 64, 0.003)
     for bad in (".inf", "-.inf", ".nan"):
         with pytest.raises(UserError, match="must be a finite number"):
-            parse_section("train", yaml.safe_load(f"learning_rate: {bad}"))
+            parse_section("train", {**vars(defaults("train")), **yaml.safe_load(f"learning_rate: {bad}")})
     with pytest.raises(UserError, match="must be an integer, got 2.5"):
-        parse_section("train", {"batch_size": 2.5})
-    assert parse_section("sample", {"prime": "3e-3"}).prime == "3e-3"  # a string where a string is expected
+        parse_section("train", {**vars(defaults("train")), "batch_size": 2.5})
+    assert parse_section("sample", {**vars(defaults("sample")), "prime": "3e-3"}).prime == "3e-3"  # a string where a string is expected
 
 
 def test_precision_auto_times_the_train_step_once_and_picks_the_faster(tmp_path, monkeypatch):
@@ -196,10 +234,9 @@ def test_precision_auto_times_the_train_step_once_and_picks_the_faster(tmp_path,
     import json
 
     from charrnn import precision
-    from charrnn.config import TrainConfig
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    config = TrainConfig(batch_size=4, embedding_dim=8, rnn_units=16, precision="auto")
+    config = defaults("train", batch_size=4, embedding_dim=8, rnn_units=16, num_layers=1, cell="lstm", jit_compile=False, precision="auto")
     assert precision.resolve("float32", config, 11, 12) == ("float32", "set in params.yaml")
     policy, why = precision.resolve("auto", config, 11, 12)  # the train step timed at this shape, then cached
     cache = json.loads((tmp_path / "charrnn" / "precision.json").read_text())
@@ -207,7 +244,7 @@ def test_precision_auto_times_the_train_step_once_and_picks_the_faster(tmp_path,
     assert key.endswith("|vocab_size=11,seq_length=12,batch_size=4,embedding_dim=8,rnn_units=16,num_layers=1,"
                         "cell=lstm,jit_compile=False")
     assert entry["float32_s"] > 0 and entry["mixed_bfloat16_s"] > 0
-    faster = entry["float32_s"] / entry["mixed_bfloat16_s"] >= precision.MIN_SPEEDUP
+    faster = entry["float32_s"] / entry["mixed_bfloat16_s"] >= AUTO_BFLOAT16_MIN_SPEEDUP
     assert policy == ("mixed_bfloat16" if faster else "float32") and "train step" in why and "measured once" in why
     # The cached verdict decides from then on (here: bf16 made 2x faster, then 2x slower).
     for bf16_s, expected in ((entry["float32_s"] / 2, "mixed_bfloat16"), (entry["float32_s"] * 2, "float32")):
@@ -221,10 +258,9 @@ def test_precision_auto_times_the_train_step_once_and_picks_the_faster(tmp_path,
 
 def test_precision_auto_that_cannot_time_bfloat16_trains_float32_and_says_why(tmp_path, monkeypatch):
     from charrnn import precision
-    from charrnn.config import TrainConfig
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    config = TrainConfig(batch_size=4, embedding_dim=8, rnn_units=16, precision="auto")
+    config = defaults("train", batch_size=4, embedding_dim=8, rnn_units=16, num_layers=1, cell="lstm", jit_compile=False, precision="auto")
     shape = precision.probe_shape
     monkeypatch.setattr(precision, "probe_shape", lambda *args: {**shape(*args), "cell": "bogus"})  # the child fails
     policy, why = precision.resolve("auto", config, 11, 12)
@@ -249,7 +285,7 @@ def test_a_checkpoint_resumes_dropout_where_it_stood(tmp_path):
     ids = np.random.default_rng(0).integers(0, 11, (24, 10)).astype("int32")
     data = lambda: tf.data.Dataset.from_tensor_slices((ids, ids)).batch(4)  # noqa: E731
     keras.utils.set_random_seed(42)
-    model = build_model(11, 4, 8, dropout=0.5)
+    model = build_model(11, embedding_dim=4, rnn_units=8, num_layers=1, dropout=0.5, cell="lstm")
     lstm_cpu.install_model(model)
     compile_model(model, 1e-2)
     model.fit(data(), epochs=1, verbose=0)
@@ -282,7 +318,7 @@ def test_weight_decay_shrinks_every_weight_apart_from_the_adam_step(tmp_path):
     stepped = {}
     for wd in (0.0, decay):
         keras.utils.set_random_seed(3)
-        model = build_model(11, 4, 16)
+        model = build_model(11, embedding_dim=4, rnn_units=16, num_layers=1, dropout=0.0, cell="lstm")
         lstm_cpu.install_model(model)
         compile_model(model, lr, weight_decay=wd)
         before = [w.copy() for w in model.get_weights()]

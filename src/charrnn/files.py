@@ -2,6 +2,9 @@
 
 Every artifact is written to a temporary name in the same folder and renamed into place, so an
 interrupted stage never leaves a half-written file that the next stage (or DVC) would trust.
+Temporary names start with ``.`` and carry ``.tmp`` (``.NAME.tmp.XXXX.SUFFIX`` for a file,
+``.NAME.XXXX.tmp`` for a folder): a SIGKILL can leave one behind, and the next run of the stage
+removes it (``remove_leftovers``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,33 @@ def atomic_path(path: str | os.PathLike):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def temp_dir_beside(path: str | os.PathLike):
+    """A scratch folder beside ``path`` with a temporary name, removed when the block ends."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.stem}.tmp.", dir=path.parent) as scratch:
+        yield Path(scratch)
+
+
+def leftovers(path: str | os.PathLike) -> list[Path]:
+    """Temporary files and folders of ``path``'s atomic writes left beside it by a killed process."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return [entry for entry in path.parent.iterdir()
+            if entry.name.startswith((f".{path.stem}.tmp.", f".{path.name}.tmp."))
+            or (entry.name.startswith(f".{path.name}.") and entry.name.endswith(".tmp"))]
+
+
+def remove_leftovers(*outputs: str | os.PathLike) -> None:
+    """Remove what a killed earlier run left while writing ``outputs`` (a stage's own outputs only:
+    never a shared folder another process may be writing into)."""
+    for output in outputs:
+        for entry in leftovers(output):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
 def write_text(path, text: str) -> None:

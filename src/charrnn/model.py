@@ -28,16 +28,18 @@ SUMMARY_FILE = "model_summary.txt"
 
 def build_model(
     vocab_size: int,
-    embedding_dim: int = 256,
-    rnn_units: int = 1024,
-    num_layers: int = 1,
-    dropout: float = 0.0,
+    *,
+    embedding_dim: int,
+    rnn_units: int,
+    num_layers: int,
+    dropout: float,
+    cell: str,
     precision: str = "float32",
     stateful_batch: int | None = None,
-    cell: str = "lstm",
 ) -> keras.Model:
     """The tutorial's architecture, generalised to ``num_layers`` LSTMs (or GRUs, ``cell="gru"``,
-    as the tutorial's current version uses) with dropout between.
+    as the tutorial's current version uses) with dropout between. The sizes are params.yaml's
+    ``train`` keys (``model_from_config``); there are no defaults here.
 
     The recurrent layers keep Keras' cuDNN-compatible defaults (tanh/sigmoid, no recurrent
     dropout, no unroll, bias on; for the GRU ``reset_after=True``), so on a GPU they run the fused
@@ -64,6 +66,14 @@ def build_model(
     # Logits stay float32 under mixed precision so the softmax cross-entropy is computed stably.
     logits = keras.layers.Dense(vocab_size, name="logits", dtype="float32")(x)
     return keras.Model(ids, logits, name="char_rnn")
+
+
+def model_from_config(vocab_size: int, config, precision: str | None = None,
+                      stateful_batch: int | None = None) -> keras.Model:
+    """``build_model`` with the architecture of a ``TrainConfig`` (``precision`` overrides its own)."""
+    return build_model(vocab_size, embedding_dim=config.embedding_dim, rnn_units=config.rnn_units,
+                       num_layers=config.num_layers, dropout=config.dropout, cell=config.cell,
+                       precision=precision or config.precision, stateful_batch=stateful_batch)
 
 
 def rnn_layers(model: keras.Model) -> list:
@@ -161,7 +171,9 @@ def _normalise_keras_zip(src: Path, dst: Path) -> None:
 def save_keras(model: keras.Model, path: Path) -> None:
     """Save ``model`` (optimizer included) to ``path`` atomically and byte-reproducibly."""
     path = Path(path)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, files.atomic_path(path) as tmp:
+    # Keras writes the file itself; the scratch folder is named as every temporary of the project
+    # (files.TEMP_MARK), so a kill's leftover is recognised and swept.
+    with files.temp_dir_beside(path) as scratch, files.atomic_path(path) as tmp:
         raw = Path(scratch) / MODEL_FILE
         model.save(raw)
         _normalise_keras_zip(raw, tmp)

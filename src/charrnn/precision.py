@@ -6,7 +6,7 @@ the small widths CPU runs use, the per-step overhead of the recurrence weighs as
 multiplications. So ``auto`` measures what it decides about: the run's own train step (the model of
 ``params.yaml``, the fast CPU LSTM, the optimizer, at the run's batch and sequence length, with XLA if
 ``train.jit_compile``) in float32 and in mixed_bfloat16, and picks bfloat16 only when it is clearly
-faster (``MIN_SPEEDUP``). It measures in a child process, so that nothing of the probe (traced
+faster (``config.AUTO_BFLOAT16_MIN_SPEEDUP``). It measures in a child process, so that nothing of the probe (traced
 functions, random state, thread pools) touches the training process: a run that measured and a run
 that read the cached verdict train the same bytes. The verdict is cached per kind of machine and
 shape (``~/.cache/charrnn/precision.json``), so every run there makes the same choice; it is printed
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from charrnn import files
+from charrnn.config import AUTO_BFLOAT16_MIN_SPEEDUP
 
-MIN_SPEEDUP = 1.15
 KERNEL = "lstm_cpu-6"  # bumped when the fused kernel's speed changes: older verdicts are measured again
 POLICIES = ("float32", "mixed_bfloat16")
 ROUNDS = 3           # timed rounds per policy, interleaved float32 / bfloat16
@@ -81,8 +81,8 @@ def time_train_steps(shape: dict) -> dict:
     x, y = ids[:, :-1], ids[:, 1:]
     models = {}
     for policy in POLICIES:
-        model = build_model(shape["vocab_size"], shape["embedding_dim"], shape["rnn_units"], shape["num_layers"],
-                            0.0, policy, cell=shape["cell"])
+        model = build_model(shape["vocab_size"], embedding_dim=shape["embedding_dim"], rnn_units=shape["rnn_units"],
+                            num_layers=shape["num_layers"], dropout=0.0, cell=shape["cell"], precision=policy)
         lstm_cpu.install_model(model)
         compile_model(model, 1e-3, 5.0, jit_compile=shape["jit_compile"])
         for _ in range(2):
@@ -135,7 +135,7 @@ def resolve(requested: str, config, vocab_size: int, seq_length: int) -> tuple[s
         return "float32", (f"auto: a train step could not be timed in both precisions on this machine "
                            f"({entry['error']}); measured once, cached in {path}")
     speedup = entry["float32_s"] / entry["mixed_bfloat16_s"]
-    policy = "mixed_bfloat16" if speedup >= MIN_SPEEDUP else "float32"
+    policy = "mixed_bfloat16" if speedup >= AUTO_BFLOAT16_MIN_SPEEDUP else "float32"
     why = (f"auto: a train step in bfloat16 ran {speedup:.2f}x float32's speed on this machine "
            f"({kind.split(':tf')[0]}; measured once, cached in {path})")
     return policy, why

@@ -12,6 +12,7 @@ as ``charrnn generate``.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -86,22 +87,27 @@ def log_text_generator(model_dir: Path, registered_name: str | None, pip_require
     )
 
 
-def download_model_dir(uri: str) -> Path:
-    """``models:/name/version`` or ``runs:/id/model`` -> a local model folder (model.keras + vocabulary)."""
+DOWNLOAD_PREFIX = "charrnn-model-"  # a temporary download of a logged model (removed after use)
+
+
+@contextlib.contextmanager
+def downloaded_model_dir(uri: str):
+    """``models:/name/version`` or ``runs:/id/model`` -> a local model folder (model.keras + vocabulary),
+    in a temporary folder removed when the block ends, on success or failure."""
     from charrnn.errors import UserError
 
-    target = Path(tempfile.mkdtemp(prefix="charrnn-model-"))
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
-    except Exception as err:  # MLflow raises its own exception types for a missing model or run
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise UserError(f"cannot fetch {uri} from MLflow ({first[:200]}); check the name/version or run id "
-                        "(`mlflow ui` lists them) and MLFLOW_TRACKING_URI") from None
-    found = sorted(p.parent for p in local.rglob("model.keras") if (p.parent / "vocabulary.json").is_file())
-    if not found:
-        raise UserError(f"{uri} holds no charrnn model folder (model.keras + vocabulary.json); use the "
-                        "`model` of a charrnn training run or a version of the registered model")
-    return found[0]
+    with tempfile.TemporaryDirectory(prefix=DOWNLOAD_PREFIX) as target:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target))
+        except Exception as err:  # MLflow raises its own exception types for a missing model or run
+            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise UserError(f"cannot fetch {uri} from MLflow ({first[:200]}); check the name/version or run id "
+                            "(`mlflow ui` lists them) and MLFLOW_TRACKING_URI") from None
+        found = sorted(p.parent for p in local.rglob("model.keras") if (p.parent / "vocabulary.json").is_file())
+        if not found:
+            raise UserError(f"{uri} holds no charrnn model folder (model.keras + vocabulary.json); use the "
+                            "`model` of a charrnn training run or a version of the registered model")
+        yield found[0]
 
 
 mlflow.models.set_model(TextGenerator())

@@ -27,6 +27,9 @@ from charrnn.errors import UserError
 
 MODEL_HASH_TAG = "charrnn.model_sha256"
 RESUME_KEY_TAG = "charrnn.resume_key"
+ERROR_TAG = "charrnn.error"  # why the training run failed or was interrupted
+SUPERSEDED_BY_TAG = "charrnn.superseded_by"  # on an abandoned run: the run that trained instead
+EVALUATE_ERROR_TAG = "charrnn.evaluate_error"  # why the last evaluate of the run's model failed
 PRIMARY_METRIC = "eval_val_loss"  # evaluate's whole-split loss: what runs are ranked by
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -255,7 +258,7 @@ def end_run_with_error(err: BaseException) -> UserError | None:
             with contextlib.suppress(Exception):
                 monitor.finish()
         return None if isinstance(err, KeyboardInterrupt) else server_down_error(uri)
-    mlflow.set_tag("charrnn.error", f"{type(err).__name__}: {err}"[:5000])
+    mlflow.set_tag(ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
     mlflow.end_run(status=status)
     return None
 
@@ -375,6 +378,34 @@ def active_run_exists(run_id: str) -> bool:
         return mlflow.get_run(run_id).info.lifecycle_stage == "active"
     except mlflow.exceptions.MlflowException:
         return False
+
+
+def delete_tag(run_id: str, key: str) -> None:
+    """Remove a run's tag if it has one (a finished resume or evaluate clears its stale error)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if key in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, key)
+
+
+def end_abandoned_run(run_id: str) -> None:
+    """End a run whose checkpoint cannot be resumed (its params changed): KILLED, with a note.
+    Without this it would stay RUNNING forever beside the new run."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return  # deleted or from another store: nothing to close
+    if run.info.status != "RUNNING" or run.info.lifecycle_stage != "active":
+        return
+    client.set_tag(run_id, ERROR_TAG, "abandoned: its checkpoint could not be resumed (the params changed); "
+                                      "the training restarted from scratch in a new run")
+    client.set_terminated(run_id, status="KILLED")
+    print(f"MLflow run {run_id} of the interrupted training ended KILLED: its checkpoint does not match "
+          "these params; starting a new run", flush=True)
 
 
 def logged_steps(run_id: str, key: str) -> set[int]:

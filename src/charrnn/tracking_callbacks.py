@@ -13,6 +13,7 @@ import keras
 import mlflow
 
 from charrnn import tracking
+from charrnn.config import EPOCH_SAMPLE_LENGTH, EPOCH_SAMPLE_SEED, EPOCH_SAMPLE_TEMPERATURE
 from charrnn.sampling import SamplingOptions
 from charrnn.vocabulary import Vocabulary
 
@@ -82,12 +83,12 @@ class EpochSamples(keras.callbacks.Callback):
     """A short sample after every epoch (fixed prime and seed), logged as ``samples/epoch_NNN.txt``,
     so one watches the text improve in the UI."""
 
-    def __init__(self, vocabulary: Vocabulary, prime: str, length: int = 300, seed: int = 0,
-                 temperature: float = 0.8):
+    def __init__(self, vocabulary: Vocabulary, prime: str):
         super().__init__()
         self.vocabulary = vocabulary
         self.prime = prime
-        self.options = SamplingOptions(length=length, temperature=temperature, seed=seed)
+        self.options = SamplingOptions(length=EPOCH_SAMPLE_LENGTH, temperature=EPOCH_SAMPLE_TEMPERATURE,
+                                       seed=EPOCH_SAMPLE_SEED)
         self.generator = None
 
     # Not in TrainingCurves: MLflow's callback base class logs its methods' exceptions and goes on.

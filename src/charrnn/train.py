@@ -84,6 +84,7 @@ def start_run(experiment_id: str, state: dict, resumed: bool, params: dict, para
         run_id = None
     if run_id:
         mlflow.start_run(run_id=run_id, experiment_id=experiment_id, log_system_metrics=True)
+        tracking.delete_tag(run_id, tracking.ERROR_TAG)  # the interruption it records is over
         return False
     rev, baseline = tracking.baseline_params(params_file, tuple({k.split(".")[0] for k in params}))
     changed = tracking.changed_params(params, baseline)
@@ -157,6 +158,7 @@ def train(
     key = resume_key(config, manifest)
     checkpoints = Checkpoints(checkpoint_dir)
 
+    abandoned = None  # the run of an interrupted training that these params cannot resume
     with strategy.scope():
         loaded = checkpoints.load(key, config.epochs)
         if loaded:
@@ -165,12 +167,12 @@ def train(
             print(f"resuming from epoch {state['epoch']} ({checkpoint_dir})", flush=True)
         else:
             if chief:
+                abandoned = checkpoints.interrupted_run_id()
+                if abandoned:
+                    tracking.end_abandoned_run(abandoned)
                 checkpoints.clear()
             state = {"key": key, "epoch": 0, "history": [], "run_id": None}
-            model = model_lib.build_model(
-                len(vocabulary), config.embedding_dim, config.rnn_units, config.num_layers,
-                config.dropout, config.precision, cell=config.cell,
-            )
+            model = model_lib.model_from_config(len(vocabulary), config)
             lstm_cpu.install_model(model)  # before compile: the fast CPU LSTM (a no-op with a GPU)
             schedule = model_lib.learning_rate_schedule(config.learning_rate, config.epochs * steps,
                                                         config.lr_decay_fraction)
@@ -196,6 +198,8 @@ def train(
     try:
         run_id = mlflow.active_run().info.run_id
         state["run_id"] = run_id
+        if abandoned:
+            mlflow.MlflowClient().set_tag(abandoned, tracking.SUPERSEDED_BY_TAG, run_id)
         if new_run:
             record_new_run(params, key, model, vocabulary, manifest, corpus, state["history"], policy)
         logged = {} if new_run else {k: max(tracking.logged_steps(run_id, k), default=-1) for k in CURVES}
@@ -259,17 +263,22 @@ def log_models(model: keras.Model, vocab_size: int, model_dir: Path, registered_
 
     run = mlflow.active_run()
     client = mlflow.MlflowClient()
-    if client.search_model_versions(f"run_id = '{run.info.run_id}'"):
-        return  # logged and registered before the kill
-    # Pinning requirements skips MLflow's slow inference (it reloads the model in a subprocess).
-    requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", f"mlflow=={mlflow.__version__}"]
-    mlflow.keras.log_model(model, name="keras_model", signature=serving.keras_signature(vocab_size),
-                           pip_requirements=requirements[:2])
-    info = serving.log_text_generator(model_dir, registered_name, requirements)
-    version = info.registered_model_version
+    registered = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+    if registered:  # logged and registered before a kill: only the tags may be missing
+        version = registered[0].version
+    else:
+        # Pinning requirements skips MLflow's slow inference (it reloads the model in a subprocess).
+        requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
+                        f"mlflow=={mlflow.__version__}"]
+        mlflow.keras.log_model(model, name="keras_model", signature=serving.keras_signature(vocab_size),
+                               pip_requirements=requirements[:2])
+        info = serving.log_text_generator(model_dir, registered_name, requirements)
+        version = info.registered_model_version
+        crash_point("model-registered")
     tags = {"val_loss": f"{final['val_loss']:.6f}", "run_name": run.info.run_name,
             "dvc.exp_name": os.environ.get("DVC_EXP_NAME", "")}
+    present = client.get_model_version(registered_name, version).tags
     for key, value in tags.items():
-        if value:
+        if value and present.get(key) != value:
             client.set_model_version_tag(registered_name, version, key, value)
     print(f"registered model version: models:/{registered_name}/{version}", flush=True)
