@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -105,6 +107,11 @@ STAGE_OUTPUTS = {
 STAGES = tuple(STAGE_OUTPUTS)
 
 
+# MLflow samples system metrics every 10 s: a tiny training would log none.
+SYSTEM_METRICS_EVERY_SECOND = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+                               "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"}
+
+
 @dataclass(frozen=True)
 class TrainedProject:
     path: Path
@@ -112,11 +119,21 @@ class TrainedProject:
 
 
 @pytest.fixture(scope="session")
-def trained_project(tmp_path_factory, corpus_text) -> TrainedProject:
-    """The tiny pipeline after one `dvc repro`, built once: tests that start from a trained (or a
-    partly run) project work on a copy of it (``copy_project``), never on it."""
-    path = make_project(tmp_path_factory.mktemp("trained") / "project", corpus_text)
-    return TrainedProject(path, dvc(path, "repro"))
+def trained_project(tmp_path_factory, worker_id, corpus_text) -> TrainedProject:
+    """The tiny pipeline after one `dvc repro`, built once per test run (pytest-xdist's workers
+    share it through a lock): tests that start from a trained (or a partly run) project work on a
+    copy of it (``copy_project``), never on it."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # xdist: the workers' base folders share a parent
+        shared = shared.parent
+    path, log = shared / "trained" / "project", shared / "trained" / "repro.json"
+    with FileLock(str(shared / "trained.lock")):
+        if not log.is_file():
+            make_project(path, corpus_text)
+            result = dvc(path, "repro", env=SYSTEM_METRICS_EVERY_SECOND)
+            log.write_text(json.dumps({"args": result.args, "returncode": result.returncode,
+                                       "stdout": result.stdout, "stderr": result.stderr}))
+    return TrainedProject(path, subprocess.CompletedProcess(**json.loads(log.read_text())))
 
 
 def copy_project(trained: TrainedProject, dest: Path, upto: str = "evaluate", overrides: dict | None = None) -> Path:

@@ -504,6 +504,7 @@ def check_clean_failure(outcomes, case: Case) -> Outcome:
     lines = [line for line in stderr.splitlines() if line.strip()]
     last = lines[-1] if lines else ""
     assert last.startswith("error: "), report
+    assert lines == [last], f"stderr holds more than the error line\n{report}"  # the whole of it: one line
     for expected in case.expect:
         assert ctx.fill(expected) in last, f"{ctx.fill(expected)!r} not in the error line\n{report}"
     if case.max_seconds is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import BIN, dvc, make_project, run
+from conftest import BIN, copy_project, run, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -70,15 +71,28 @@ def final_val_loss(project) -> float:
     return float(rows[-1]["val_loss"])
 
 
-def test_two_workers_train_together(tmp_path, corpus_text):
-    overrides = {"sequences": {"shard_size_mb": 0.03}}  # several shards: workers split them by file
-    single = make_project(tmp_path / "single", corpus_text, overrides)
-    dvc(single, "repro", "train")
-
-    project = make_project(tmp_path / "multi", corpus_text, {**overrides, "train": {"strategy": "multi_worker"}})
-    dvc(project, "repro", "sequences")
-    manifest = json.loads((project / "data/sequences/manifest.json").read_text())
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, trained_project):
+    """The trained project stepped back to its sequences, rebuilt as several small shards (workers
+    split the windows across files); its next stage is train."""
+    base = copy_project(trained_project, tmp_path_factory.mktemp("sharded") / "base", upto="vectorize",
+                        overrides={"sequences": {"shard_size_mb": 0.03}})
+    run([sys.executable, "stages/sequences.py", "--vectorized", "data/vectorized", "--out", "data/sequences"], base)
+    manifest = json.loads((base / "data/sequences/manifest.json").read_text())
     assert len(manifest["splits"]["train"]["shards"]) >= 2
+    return base
+
+
+def with_params(base: Path, dest: Path, train: dict) -> Path:
+    shutil.copytree(base, dest, symlinks=True)
+    write_params(dest, {"sequences": {"shard_size_mb": 0.03}, "train": train})
+    return dest
+
+
+def test_two_workers_train_together(tmp_path, sharded):
+    single = with_params(sharded, tmp_path / "single", {})
+    run([sys.executable, *TRAIN_CMD], single)
+    project = with_params(sharded, tmp_path / "multi", {"strategy": "multi_worker"})
     wait_all(start_workers(project, 2))
 
     assert abs(final_val_loss(project) - final_val_loss(single)) < LOSS_TOLERANCE
@@ -89,13 +103,11 @@ def test_two_workers_train_together(tmp_path, corpus_text):
     assert generated.stdout.startswith("ROMEO: ") and len(generated.stdout.rstrip("\n")) == 57
 
 
-def test_a_checkpoint_from_two_workers_resumes_on_one(tmp_path, corpus_text):
+def test_a_checkpoint_from_two_workers_resumes_on_one(tmp_path, sharded):
     """Two workers are killed after an epoch; one worker resumes the same run from their checkpoint."""
-    params = {"sequences": {"shard_size_mb": 0.03},
-              # Slow enough per epoch that the kill lands between epochs (as in test_robustness).
-              "train": {"strategy": "multi_worker", "epochs": 4, "steps_per_epoch": 25, "rnn_units": 48}}
-    project = make_project(tmp_path / "p", corpus_text, params)
-    dvc(project, "repro", "sequences")
+    # Slow enough per epoch that the kill lands between epochs (as in test_robustness).
+    project = with_params(sharded, tmp_path / "p",
+                          {"strategy": "multi_worker", "epochs": 4, "steps_per_epoch": 25, "rnn_units": 48})
     procs = start_workers(project, 2)
     state_file = project / "checkpoints/train/state.json"
     killed = None
@@ -144,22 +156,45 @@ def _max_relative_difference(a, b) -> float:
 
 
 def test_one_step_on_two_workers_equals_the_single_device_step(tmp_path):
-    """Clipping on (clipnorm far below the gradient norm): two workers, each with half of every
+    """Clipping on (clipnorm far below the gradient norm), with Adam and with the default AdamW
+    (whose decoupled decay must happen once per global step): two workers, each with half of every
     global batch, end with the weights one device reaches on the whole batches, and with each other's."""
-    run([sys.executable, str(STEP_SCRIPT), str(tmp_path / "single.npz")], tmp_path)
-    single, single_meta = _weights(tmp_path / "single.npz")
-
-    for variant, extra in (("combined", []), ("per-replica", ["--per-replica-apply"])):
-        wait_all(start_workers(tmp_path, 2, lambda i: [sys.executable, str(STEP_SCRIPT),
-                                                       str(tmp_path / f"{variant}-{i}.npz"), *extra]))
-    (w0, meta0), (w1, _) = _weights(tmp_path / "combined-0.npz"), _weights(tmp_path / "combined-1.npz")
-    assert meta0["iterations"] == single_meta["iterations"] == 3
-    for a, b in zip(w0, w1):
-        np.testing.assert_array_equal(a, b)  # the workers hold one model
-    assert _max_relative_difference(w0, single) < 1e-5
-    assert meta0["losses"] == pytest.approx(single_meta["losses"], rel=1e-5)
+    for optimizer, decay in (("adam", "0"), ("adamw", "0.1")):
+        run([sys.executable, str(STEP_SCRIPT), str(tmp_path / f"single-{optimizer}.npz"), "--weight-decay", decay],
+            tmp_path)
+        single, single_meta = _weights(tmp_path / f"single-{optimizer}.npz")
+        variants = [("combined", [])] + ([("per-replica", ["--per-replica-apply"])] if optimizer == "adam" else [])
+        for variant, extra in variants:
+            wait_all(start_workers(tmp_path, 2, lambda i: [
+                sys.executable, str(STEP_SCRIPT), str(tmp_path / f"{variant}-{optimizer}-{i}.npz"),
+                "--weight-decay", decay, *extra]))
+        (w0, meta0), (w1, _) = (_weights(tmp_path / f"combined-{optimizer}-{i}.npz") for i in (0, 1))
+        assert meta0["iterations"] == single_meta["iterations"] == 3
+        assert meta0["optimizer"] == single_meta["optimizer"] == ("AdamW" if optimizer == "adamw" else "Adam")
+        for a, b in zip(w0, w1):
+            np.testing.assert_array_equal(a, b)  # the workers hold one model
+        assert _max_relative_difference(w0, single) < 1e-5, optimizer
+        assert meta0["losses"] == pytest.approx(single_meta["losses"], rel=1e-5)
     # The control: clipping each worker's half-gradient before the sum trains another model.
-    naive, _ = _weights(tmp_path / "per-replica-0.npz")
+    naive, _ = _weights(tmp_path / "per-replica-adam-0.npz")
+    single, _ = _weights(tmp_path / "single-adam.npz")
+    assert _max_relative_difference(naive, single) > 1e-3
+
+
+def test_mirrored_replicas_step_as_one_device(tmp_path):
+    """`train.strategy: mirrored` on two logical CPUs, the default AdamW, clipnorm far below the
+    gradient norm: after 3 steps the weights equal one device's on the same global batches; the
+    per-replica clip (Keras' fit under a strategy) misses by far more."""
+    runs = {"single": [], "mirrored": ["--mirrored"], "per-replica": ["--mirrored", "--per-replica-apply"]}
+    for name, extra in runs.items():
+        run([sys.executable, str(STEP_SCRIPT), str(tmp_path / f"{name}.npz"), "--weight-decay", "0.1", *extra],
+            tmp_path)
+    single, single_meta = _weights(tmp_path / "single.npz")
+    mirrored, meta = _weights(tmp_path / "mirrored.npz")
+    assert meta["iterations"] == single_meta["iterations"] == 3 and meta["optimizer"] == "AdamW"
+    assert _max_relative_difference(mirrored, single) < 1e-5
+    assert meta["losses"] == pytest.approx(single_meta["losses"], rel=1e-5)
+    naive, _ = _weights(tmp_path / "per-replica.npz")
     assert _max_relative_difference(naive, single) > 1e-3
 
 

@@ -409,11 +409,13 @@ def test_compiled_ops_match_tensorflow_ops(compiled_ops, compiled):
 # paths round differently (the sequence ops add h @ U to xz unrounded; TensorFlow's bf16 matmul
 # rounds it first), so each is held to the accuracy of TensorFlow's own ops: measured over three
 # seeds, every tensor's error at most 1.07x theirs (cell ops 1.00x-1.02x); a wrong term: ~20x.
-@pytest.mark.parametrize("compiled", ["cell", "sequence"])
-def test_compiled_ops_with_bfloat16_matmuls_are_as_accurate_as_tensorflow_ops(compiled_ops, compiled):
+# 13 rows: uneven row tiles; 32 rows x 64 units: the batch-multiple-of-16 shape the AMX tiles take
+# where the CPU has them, the vector tiles' full row tiles elsewhere.
+@pytest.mark.parametrize("compiled,batch,units", [("cell", 13, 48), ("sequence", 13, 48), ("sequence", 32, 64)])
+def test_compiled_ops_with_bfloat16_matmuls_are_as_accurate_as_tensorflow_ops(compiled_ops, compiled, batch, units):
     if compiled == "sequence" and not cell_ops.runs_sequence(cell_ops.load(), tf.bfloat16):
         pytest.skip("this build has no bfloat16 sequence ops (no AVX512-BF16)")
-    args, weights = lstm_args(np.random.default_rng(5))
+    args, weights = lstm_args(np.random.default_rng(5), units=units, batch=batch)
     exact = fused_values_and_gradients(args, weights, None, False)
     tf_ops = fused_values_and_gradients(args, weights, tf.bfloat16, False)
     got = fused_values_and_gradients(args, weights, tf.bfloat16, compiled)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from conftest import BIN, copy_project, dvc, run
+from conftest import BIN, SYSTEM_METRICS_EVERY_SECOND, copy_project, dvc, run
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +34,21 @@ def test_a_forced_repro_in_another_folder_gives_identical_outputs(trained_projec
     first = lock_outputs(project)
     dvc(project, "repro", "--force")
     assert lock_outputs(project) == first
+    # The same params again: the run's name is the commit's, made unique with -2.
+    rev = run(["git", "rev-parse", "HEAD"], project).stdout.strip()[:7]
+    assert sorted(r.info.run_name for r in _runs(project)) == [rev, f"{rev}-2"]
     assert ("train", "models/char_rnn") in first and ("evaluate", "samples/samples.txt") in first
 
 
+def _client(project) -> mlflow.MlflowClient:
+    """A client of the project's own store (not the global tracking URI: cases run in threads)."""
+    return mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+
+
 def _runs(project):
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    experiment = mlflow.get_experiment_by_name("tests")
-    return mlflow.search_runs([experiment.experiment_id], output_format="list")
+    client = _client(project)
+    experiment = client.get_experiment_by_name("tests")
+    return client.search_runs([experiment.experiment_id])
 
 
 TRAIN_ARGV = [str(BIN / "python"), "stages/train.py", "--sequences", "data/sequences", "--vocabulary",
@@ -49,7 +60,7 @@ CHARS_PER_EPOCH = 25 * 16 * 32  # RESUME_PARAMS steps x TINY_PARAMS batch x seq_
 
 def _env(extra=None):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
-    return {**env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(extra or {})}
+    return {**env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **SYSTEM_METRICS_EVERY_SECOND, **(extra or {})}
 
 
 def _state_epoch(project) -> int:
@@ -62,25 +73,27 @@ def _state_epoch(project) -> int:
 # How each case interrupts the first training: a crash point (SIGKILL at a named instant of the
 # checkpoint protocol or the final save), or a signal sent from outside after `epoch` epochs plus
 # `delay` seconds (mid-epoch when delay > 0). A crash point's instant is pinned by what it leaves:
-# the epoch state.json names, the checkpoint folder's files, whether the model folder exists, and
-# the registered versions (None: untagged, True: tagged).
+# the epoch state.json names, the checkpoint folder's files, whether the model folder and the loss
+# history exist, and the registered versions (False: untagged, True: tagged).
 KILLS = {
     "sigkill-mid-epoch": dict(signal=signal.SIGKILL, epoch=1, delay=1.0),
     "crash-between-model-and-state": dict(
         crash="checkpoint-model-written@2",
-        leaves=dict(epoch=1, files={"state.json", "epoch-0001.keras", "epoch-0002.keras"}, model=False, versions=[])),
+        leaves=dict(epoch=1, files={"state.json", "epoch-0001.keras", "epoch-0002.keras"}, model=False, history=False,
+                    versions=[])),
     "crash-before-old-model-removed": dict(
         crash="checkpoint-state-written@3",
-        leaves=dict(epoch=3, files={"state.json", "epoch-0002.keras", "epoch-0003.keras"}, model=False, versions=[])),
+        leaves=dict(epoch=3, files={"state.json", "epoch-0002.keras", "epoch-0003.keras"}, model=False, history=False,
+                    versions=[])),
     "crash-after-final-model-saved": dict(
         crash="final-model-saved",
-        leaves=dict(epoch=4, files={"state.json", "epoch-0004.keras"}, model=True, versions=[])),
+        leaves=dict(epoch=4, files={"state.json", "epoch-0004.keras"}, model=True, history=False, versions=[])),
     "crash-after-model-registered": dict(
         crash="model-registered",
-        leaves=dict(epoch=4, files={"state.json", "epoch-0004.keras"}, model=True, versions=[False])),
+        leaves=dict(epoch=4, files={"state.json", "epoch-0004.keras"}, model=True, history=True, versions=[False])),
     "crash-after-final-model-logged": dict(
         crash="final-model-logged",
-        leaves=dict(epoch=4, files={"state.json", "epoch-0004.keras"}, model=True, versions=[True])),
+        leaves=dict(epoch=4, files={"state.json", "epoch-0004.keras"}, model=True, history=True, versions=[True])),
     "sigterm-mid-epoch": dict(signal=signal.SIGTERM, epoch=1, delay=1.0),
     "sigint-mid-epoch": dict(signal=signal.SIGINT, epoch=2, delay=0.5),
 }
@@ -88,8 +101,7 @@ VERSION_TAGS = {"val_loss", "run_name"}
 
 
 def _versions(project, run_id) -> list:
-    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    return client.search_model_versions(f"run_id = '{run_id}'")
+    return _client(project).search_model_versions(f"run_id = '{run_id}'")
 
 
 def _interrupt(project, how) -> subprocess.CompletedProcess | int:
@@ -112,34 +124,82 @@ def _interrupt(project, how) -> subprocess.CompletedProcess | int:
 
 @pytest.fixture(scope="module")
 def trained_base(tmp_path_factory, trained_project):
-    """A project with sequences built, and a reference: the same training, never interrupted."""
+    """A project with sequences built, whose next stage is train (RESUME_PARAMS)."""
     root = tmp_path_factory.mktemp("kills")
+    return root, copy_project(trained_project, root / "base", upto="sequences", overrides=RESUME_PARAMS)
+
+
+@dataclasses.dataclass
+class KillOutcome:
+    """What one case left at the instant of its interruption, and after its resume."""
+
+    project: Path
+    first: subprocess.CompletedProcess
+    state: dict
+    files: set[str]
+    model_saved: bool
+    history_saved: bool
+    stuck: object  # the MLflow run after the interruption
+    stuck_versions: list
+    leftovers: list[Path]
+    resumed: subprocess.CompletedProcess
+
+
+def _kill_and_resume(root: Path, base: Path, name: str) -> KillOutcome:
+    project = root / name
+    shutil.copytree(base, project)
+    first = _interrupt(project, KILLS[name])
+    checkpoint = project / "checkpoints/train"
+    state = json.loads((checkpoint / "state.json").read_text())
+    files = {p.name for p in checkpoint.iterdir()}
+    model_saved = (project / "models/char_rnn/model.keras").is_file()
+    history_saved = (project / "metrics/history.csv").is_file()
+    (stuck,) = _runs(project)
+    stuck_versions = _versions(project, stuck.info.run_id)
+    # What a kill in the middle of an atomic write leaves: the next run removes it.
+    leftovers = [project / "models/.char_rnn.k2j4x9.tmp", project / "metrics/.history.tmp.k2j4x9.csv"]
+    leftovers[0].mkdir(parents=True)
+    leftovers[1].parent.mkdir(parents=True, exist_ok=True)
+    leftovers[1].write_text("epoch,chars\n")
+    resumed = run(TRAIN_ARGV, project, env=_env())
+    return KillOutcome(project, first, state, files, model_saved, history_saved, stuck, stuck_versions, leftovers,
+                       resumed)
+
+
+@pytest.fixture(scope="module")
+def kill_outcomes(request, tmp_path_factory, trained_project):
+    """The reference and the selected kill cases, two at a time (one per core): each case is two
+    short training processes whose start-up dominates, so pairs finish in little more than one."""
+    root = tmp_path_factory.mktemp("kills-parallel")
     base = copy_project(trained_project, root / "base", upto="sequences", overrides=RESUME_PARAMS)
     reference = root / "reference"
     shutil.copytree(base, reference)
-    run(TRAIN_ARGV, reference, env=_env())
-    return root, base, reference
+    chosen = [item.callspec.params["name"] for item in request.session.items
+              if item.module.__name__ == __name__ and getattr(item, "callspec", None)
+              and item.originalname == "test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {"reference": pool.submit(run, TRAIN_ARGV, reference, _env())}
+        futures.update({name: pool.submit(_kill_and_resume, root, base, name) for name in chosen})
+        yield reference, futures
 
 
 @pytest.mark.parametrize("name", list(KILLS))
-def test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(trained_base, name):
-    root, base, reference = trained_base
-    project = root / name
-    shutil.copytree(base, project)
-    how = KILLS[name]
-    first = _interrupt(project, how)
+def test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(kill_outcomes, name):
+    reference, futures = kill_outcomes
+    futures["reference"].result()
+    outcome = futures[name].result()
+    project, first, state, how = outcome.project, outcome.first, outcome.state, KILLS[name]
     checkpoint = project / "checkpoints/train"
-    state = json.loads((checkpoint / "state.json").read_text())
     # A consistent checkpoint: state.json names a complete model file of the epoch it states.
-    assert (checkpoint / state["model_file"]).is_file() and state["model_file"] == f"epoch-{state['epoch']:04d}.keras"
+    assert state["model_file"] in outcome.files and state["model_file"] == f"epoch-{state['epoch']:04d}.keras"
     assert len(state["history"]) == state["epoch"] >= 1
-    (stuck,) = _runs(project)
+    stuck = outcome.stuck
     if "leaves" in how:  # the instant the crash point names, read off the disk and the registry
         leaves = how["leaves"]
         assert state["epoch"] == leaves["epoch"], state
-        assert {p.name for p in checkpoint.iterdir()} == leaves["files"]
-        assert (project / "models/char_rnn/model.keras").is_file() == leaves["model"]
-        versions = _versions(project, stuck.info.run_id)
+        assert outcome.files == leaves["files"]
+        assert outcome.model_saved == leaves["model"] and outcome.history_saved == leaves["history"]
+        versions = outcome.stuck_versions
         assert [VERSION_TAGS <= set(v.tags) for v in versions] == leaves["versions"], [v.tags for v in versions]
     if how.get("signal") in (signal.SIGTERM, signal.SIGINT):  # a handled signal: a true record, one line
         assert first.returncode == 128 + how["signal"], first.stderr[-2000:]
@@ -151,8 +211,9 @@ def test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(t
     else:
         assert stuck.info.status == "RUNNING"  # kill -9 gives MLflow no chance to close it
 
-    resumed = run(TRAIN_ARGV, project, env=_env())
+    resumed = outcome.resumed
     assert f"resuming from epoch {state['epoch']}" in resumed.stdout + resumed.stderr
+    assert not [p for p in outcome.leftovers if p.exists()]
     for path in RESULTS:
         assert (project / path).read_bytes() == (reference / path).read_bytes(), path
     assert [p.name for p in checkpoint.iterdir()] == ["state.json"]  # idle: nothing left to resume
@@ -163,8 +224,9 @@ def test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(t
     (version,) = _versions(project, finished.info.run_id)  # registered once, tagged
     assert VERSION_TAGS <= set(version.tags) and version.tags["run_name"] == finished.info.run_name
     assert float(version.tags["val_loss"]) == pytest.approx(finished.data.metrics["val_loss"], abs=1e-6)
-    client = mlflow.MlflowClient()
+    client = _client(project)
     assert {"loss", "val_loss", "epoch", "learning_rate", "tokens_per_second"} <= set(finished.data.metrics)
+    assert any(key.startswith("system/") for key in finished.data.metrics)
     for key in finished.data.metrics:  # every metric the run logs, system/* included
         steps = [m.step for m in client.get_metric_history(finished.info.run_id, key)]
         assert len(steps) == len(set(steps)), f"{key} has duplicate points after the resume: {sorted(steps)}"
@@ -172,17 +234,17 @@ def test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(t
     assert val_steps == [e * CHARS_PER_EPOCH for e in (1, 2, 3, 4)]
     resumed_loss = {m.step: m.value for m in client.get_metric_history(finished.info.run_id, "loss")}
     (reference_run,) = _runs(reference)
-    reference_loss = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(reference_run.info.run_id, "loss")}
+    reference_loss = {m.step: m.value for m in _client(reference).get_metric_history(reference_run.info.run_id, "loss")}
     assert resumed_loss == reference_loss and len(reference_loss) == 4 * 25 // 2  # every log_every_steps
 
 
 def test_a_resume_updates_raised_epochs_and_never_writes_into_a_deleted_run(trained_base):
-    root, base, _ = trained_base
+    root, base = trained_base
     project = root / "deleted-run"
     shutil.copytree(base, project)
     _interrupt(project, {"crash": "checkpoint-state-written@2"})
     (old,) = _runs(project)
-    mlflow.MlflowClient().delete_run(old.info.run_id)  # as the UI's Delete does
+    _client(project).delete_run(old.info.run_id)  # as the UI's Delete does
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["epochs"] = 5  # not part of the resume key while the learning rate is constant
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -196,13 +258,13 @@ def test_a_resume_updates_raised_epochs_and_never_writes_into_a_deleted_run(trai
     assert new.info.run_id != old.info.run_id and new.info.status == "FINISHED"
     assert new.data.params["train.epochs"] == "5"
     assert len((project / "metrics/history.csv").read_text().splitlines()) == 6  # header + 5 epochs
-    val_steps = sorted(m.step for m in mlflow.MlflowClient().get_metric_history(new.info.run_id, "val_loss"))
+    val_steps = sorted(m.step for m in _client(project).get_metric_history(new.info.run_id, "val_loss"))
     assert val_steps == [e * CHARS_PER_EPOCH for e in range(1, 6)]  # the two epochs of the checkpoint too
-    assert mlflow.get_run(old.info.run_id).info.lifecycle_stage == "deleted"
+    assert _client(project).get_run(old.info.run_id).info.lifecycle_stage == "deleted"
 
 
 def test_a_checkpoint_that_cannot_be_resumed_ends_its_run_killed_naming_the_new_one(trained_base):
-    root, base, _ = trained_base
+    root, base = trained_base
     project = root / "abandoned"
     shutil.copytree(base, project)
     _interrupt(project, {"crash": "checkpoint-state-written@1"})
@@ -223,7 +285,7 @@ def test_a_checkpoint_that_cannot_be_resumed_ends_its_run_killed_naming_the_new_
 
 
 def test_a_failing_stage_marks_its_run_failed(trained_base):
-    root, base, _ = trained_base
+    root, base = trained_base
     project = root / "failing"
     shutil.copytree(base, project)
     manifest = json.loads((project / "data/sequences/manifest.json").read_text())

@@ -124,8 +124,8 @@ def mlflow_server(tmp_path):
 
 # ---- 1. parallel queued experiments, one shared server ----------------------------------------
 
-QUEUED = {"wide": ("train.rnn_units=40",), "slow-lr": ("train.learning_rate=0.005",),
-          "emb4": ("train.embedding_dim=4",)}
+# -j 2: side by side. "slow-lr" also trains under `mirrored` (one CPU replica here): the strategy's loop.
+QUEUED = {"wide": ("train.rnn_units=40",), "slow-lr": ("train.learning_rate=0.005", "train.strategy=mirrored")}
 
 
 def test_parallel_queue_records_every_run_on_a_postgres_server(tmp_path, corpus_text, mlflow_server):
@@ -140,20 +140,21 @@ def test_parallel_queue_records_every_run_on_a_postgres_server(tmp_path, corpus_
         dvc(project, "exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)], env=env)
     dvc(project, "queue", "start", "-j", "2", env={**env, "CHARRNN_THREADS": "1"})
     status = wait_for_queue(project)
-    assert status.count("Success") == 3, status
+    assert status.count("Success") == len(QUEUED), status
 
     mlflow.set_tracking_uri(mlflow_server.uri)
     client = mlflow.MlflowClient()
     experiment = mlflow.get_experiment_by_name("tests")
     runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
-    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs), [
+    assert len(runs) == 1 + len(QUEUED) and all(r.info.status == "FINISHED" for r in runs), [
         (r.info.run_name, r.info.status) for r in runs]
-    assert len({r.info.run_name for r in runs}) == 4
+    assert len({r.info.run_name for r in runs}) == 1 + len(QUEUED)
     by_exp = {r.data.tags.get("dvc.exp_name"): r for r in runs}
     assert set(by_exp) == {None, *QUEUED}
     assert all(by_exp[name].info.run_name == name for name in QUEUED)
     assert by_exp["wide"].data.params["train.rnn_units"] == "40"
     assert by_exp["slow-lr"].data.params["train.learning_rate"] == "0.005"
+    assert by_exp["slow-lr"].data.params["train.strategy"] == "mirrored"
     assert by_exp[None].data.params["train.rnn_units"] == "32"
 
     versions = {v.run_id: v for v in client.search_model_versions("name = 'charrnn'")}

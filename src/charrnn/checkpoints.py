@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import keras
+import mlflow
 
 from charrnn import files, model as model_lib
 from charrnn.config import TrainConfig
@@ -137,6 +138,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.chars_per_step = chars_per_step
 
     def on_epoch_end(self, epoch, logs=None):
+        # The epoch's curves go to MLflow asynchronously: make them durable before the checkpoint
+        # says the epoch is done, or a kill in between loses points that a resume never re-logs.
+        mlflow.flush_async_logging()
         logs = logs or {}
         self.state["history"].append({
             "epoch": epoch + 1, "chars": int(self.model.optimizer.iterations.numpy()) * self.chars_per_step,

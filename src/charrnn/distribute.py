@@ -1,8 +1,10 @@
 """Distribution strategies, and the training loop for several machines.
 
-``default`` is one device, ``mirrored`` all local GPUs (Keras' ``fit`` splits each global batch),
-``multi_worker`` several machines (``TF_CONFIG``), where Keras 3's ``fit()`` fails
-(keras-team/keras#20585) and ``fit_multi_worker`` runs a plain ``strategy.run`` loop instead.
+``default`` is one device (Keras' ``fit``), ``mirrored`` all local GPUs, ``multi_worker`` several
+machines (``TF_CONFIG``). Both distributed strategies train in ``fit_distributed``, a plain
+``strategy.run`` loop whose step sums the replicas' gradients before the optimizer clips: Keras'
+``fit`` under a strategy clips each replica's partial gradient first (so ``mirrored`` would train
+another model than one device), and under ``multi_worker`` it fails (keras-team/keras#20585).
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def make_train_step(model, strategy, global_batch: int):
     per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     optimizer = model.optimizer
     variables = model.trainable_variables
+    if not optimizer.built:  # its slots created here, not inside the traced step of several replicas
+        with strategy.scope():
+            optimizer.build(variables)
     for opt in {id(o): o for o in (optimizer, getattr(optimizer, "inner_optimizer", optimizer))}.values():
         opt._all_reduce_sum_gradients = list  # the gradients arrive summed over the replicas
 
@@ -92,11 +97,12 @@ def make_train_step(model, strategy, global_batch: int):
     return train_step
 
 
-def fit_multi_worker(model, strategy, config, train_shards, seq_length, val_ds, steps, initial_epoch,
-                     callbacks, verbose):
-    """The training loop under MultiWorkerMirroredStrategy. Each worker streams its equal share of
-    the windows (``worker_windows``) and batches its share of the global batch; one optimizer step
-    per global batch (``make_train_step``); every worker scores the same validation batches.
+def fit_distributed(model, strategy, config, train_shards, seq_length, val_ds, steps, initial_epoch,
+                    callbacks, verbose):
+    """The training loop under ``mirrored`` and ``multi_worker``. Each input pipeline (one per
+    worker) streams its equal share of the windows (``worker_windows``) in per-replica batches, so
+    the replicas of one step hold consecutive slices of the global batch one device would take; one
+    optimizer step per global batch (``make_train_step``); every worker scores the same validation batches.
     Callbacks get the same calls and logs as under ``fit`` (running mean ``loss`` per batch,
     ``loss``/``val_loss`` per epoch).
     """

@@ -25,7 +25,7 @@ from charrnn import files, lstm_cpu, model as model_lib, precision, sequences, t
 from charrnn.batches import steps_per_epoch, training_dataset, validation_dataset
 from charrnn.checkpoints import RESUMABLE, Checkpoints, EpochCheckpoint, resume_key
 from charrnn.config import TrainConfig
-from charrnn.distribute import fit_multi_worker, is_chief, make_strategy
+from charrnn.distribute import fit_distributed, is_chief, make_strategy
 from charrnn.errors import UserError
 from charrnn.faults import crash_point
 from charrnn.tracking_callbacks import EpochSamples, TrainingCurves
@@ -177,7 +177,7 @@ def train(
             schedule = model_lib.learning_rate_schedule(config.learning_rate, config.epochs * steps,
                                                         config.lr_decay_fraction)
             model_lib.compile_model(model, schedule, config.clipnorm, weight_decay=config.weight_decay)
-        if config.jit_compile and config.strategy != "multi_worker":
+        if config.jit_compile and config.strategy == "default":
             # Recompiling keeps the optimizer (and its restored state); only the train step changes.
             model.compile(optimizer=model.optimizer, loss=model.loss, jit_compile=True)
     initial_epoch = state["epoch"]
@@ -191,7 +191,7 @@ def train(
         val_ds = val_ds.take(config.validation_steps)  # the same leading val batches every epoch
 
     if not chief:  # a worker that writes nothing: train in step with the others, then leave
-        fit_multi_worker(model, strategy, config, train_shards, seq_length, val_ds, steps, initial_epoch, [], 0)
+        fit_distributed(model, strategy, config, train_shards, seq_length, val_ds, steps, initial_epoch, [], 0)
         return None
 
     new_run = start_run(experiment_id, state, bool(loaded), params, params_file)
@@ -210,11 +210,10 @@ def train(
         ]
         if initial_epoch < config.epochs:
             try:
-                if config.strategy == "multi_worker":
-                    fit_multi_worker(model, strategy, config, train_shards, seq_length, val_ds, steps,
-                                     initial_epoch, callbacks, 1)
+                if config.strategy != "default":  # the replicas' gradients summed before the clip
+                    fit_distributed(model, strategy, config, train_shards, seq_length, val_ds, steps,
+                                    initial_epoch, callbacks, 1)
                 else:
-                    # Under MirroredStrategy Keras splits each global batch across the replicas.
                     model.fit(
                         training_dataset(train_shards, seq_length, config, initial_epoch * steps),
                         epochs=config.epochs,
