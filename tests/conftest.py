@@ -31,6 +31,17 @@ TINY_PARAMS = {
 }
 
 
+# The longest test files first: pytest-xdist (pyproject's addopts, --dist loadfile) hands whole
+# files to its two workers in collection order, so a long one started last would run alone at the end.
+FILE_ORDER = ("test_robustness.py", "test_team.py", "test_bad_input.py", "test_distributed.py",
+              "test_experiments.py", "test_pipeline.py", "test_lstm_cpu.py", "test_units.py", "test_generate.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(FILE_ORDER)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
+
 def defaults(section: str, **changes):
     """params.yaml's typed ``section`` (the one source of defaults), with ``changes`` applied."""
     from charrnn.config import load_params, replace

@@ -15,7 +15,9 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import io
 import json
+import os
 import re
 import shlex
 import shutil
@@ -23,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -77,6 +80,8 @@ class Case:
     args: tuple[str, ...] = ()  # arguments of `charrnn generate`
     env: tuple[tuple[str, str], ...] = ()
     max_seconds: float | None = None
+    kept: tuple[str, ...] = ()  # the user's files that must come out of the failure unchanged
+    resumable: bool = False  # a train case that fails after its epochs: their checkpoint must be kept
 
 
 def write_corpus(data: bytes | str):
@@ -155,6 +160,40 @@ def drop_param(section: str, key: str):
         params = yaml.safe_load(path.read_text())
         del params[section][key]
         path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+    return prepare
+
+
+def cut_short_checkpoint(project: Path) -> None:
+    """An interrupted training's checkpoint whose model file was cut short (a disk that filled, a
+    copy that stopped): state.json names it, with the resume key of these params."""
+    from charrnn.checkpoints import resume_key
+    from charrnn.config import load_params
+
+    manifest = json.loads((project / PATHS["sequences"] / "manifest.json").read_text())
+    key = resume_key(load_params(project / "params.yaml", "train"), manifest)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("config.json", json.dumps({"layers": list(range(2000))}))
+    folder = project / PATHS["checkpoints"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "epoch-0001.keras").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (folder / "state.json").write_text(json.dumps({
+        "key": key, "epoch": 1, "run_id": None, "model_file": "epoch-0001.keras",
+        "history": [{"epoch": 1, "chars": 512, "loss": 3.0, "val_loss": 3.0}]}))
+
+
+MOUNTS: list[Path] = []  # small file systems of the disk-full cases, unmounted after the module
+CAN_MOUNT = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+def small_disk_at(relative: str, size: str = "64k"):
+    """``relative`` becomes a file system of ``size`` (root only: a small tmpfs)."""
+    def prepare(project: Path) -> None:
+        target = project / relative
+        target.mkdir(parents=True, exist_ok=True)
+        run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], project)
+        MOUNTS.append(target)
 
     return prepare
 
@@ -295,6 +334,24 @@ MLFLOW_CASES = cases(
          base="model", env=CLOSED_SERVER, max_seconds=30),
 )
 
+FAULT_CASES = [  # faults of state and environment: one line naming the path or value, outputs intact
+    *cases(
+        Case("threads-not-a-number", "train", ("CHARRNN_THREADS must be a positive number", "got 'abc'"),
+             base="sequences", env=(("CHARRNN_THREADS", "abc"),)),
+        Case("generate-threads-not-a-number", "generate", ("CHARRNN_THREADS must be a positive number",),
+             base="model", env=(("CHARRNN_THREADS", "abc"),)),
+        Case("checkpoint-cut-short", "train",
+             ("checkpoint checkpoints/train/epoch-0001.keras", "not a zip archive", "remove checkpoints/train"),
+             base="sequences", prepare=cut_short_checkpoint,
+             kept=("checkpoints/train/epoch-0001.keras", "checkpoints/train/state.json")),
+    ),
+    pytest.param(Case("disk-full-writing-the-model", "train",
+                      ("no space left on the device writing models/char_rnn", "free some space and rerun"),
+                      base="sequences", prepare=small_disk_at("models"), resumable=True),
+                 id="disk-full-writing-the-model",
+                 marks=pytest.mark.skipif(not CAN_MOUNT, reason="mounting a small tmpfs needs root")),
+]
+
 TEXT = small_text(3000)
 ENCODING_CASES = cases(  # bytes that decode as UTF-8 but are not text
     Case("utf16-le-without-bom", "vectorize", ("is not text", "NUL", "iconv"),
@@ -359,7 +416,7 @@ STORE_CASES = cases(  # the default store, mlflow.db, damaged or replaced
 )
 
 ALL_CASES = [p.values[0] for p in
-             CORPUS_CASES + DOWNLOAD_CASES + PARAMS_CASES + TFRECORD_CASES + GENERATE_CASES + MLFLOW_CASES
+             CORPUS_CASES + DOWNLOAD_CASES + PARAMS_CASES + TFRECORD_CASES + GENERATE_CASES + MLFLOW_CASES + FAULT_CASES
              + ENCODING_CASES + ENVIRONMENT_CASES + STORE_CASES]
 assert len({c.id for c in ALL_CASES}) == len(ALL_CASES), "case ids must be unique"
 
@@ -372,6 +429,7 @@ class Outcome:
     project: Path
     result: object  # subprocess.CompletedProcess
     seconds: float
+    kept: dict[str, str]  # case.kept's files and their SHA-256 before the run
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -423,15 +481,19 @@ class Context:
         # 127.0.0.1 never through a proxy the environment may name.
         env = {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",
                **{k: self.fill(v) for k, v in case.env}}
+        kept = {relative: hashlib.sha256((project / relative).read_bytes()).hexdigest() for relative in case.kept}
         start = time.monotonic()
         result = run(argv, project, env=env, check=False, timeout=600)
-        return Outcome(project, result, time.monotonic() - start)
+        return Outcome(project, result, time.monotonic() - start, kept)
 
 
 def selected_cases(request) -> list[Case]:
     chosen = []
     for item in request.session.items:
         callspec = getattr(item, "callspec", None)
+        skip = item.get_closest_marker("skipif")
+        if skip is not None and skip.args and skip.args[0]:
+            continue  # e.g. the disk-full case where no small file system can be mounted
         if item.module.__name__ == __name__ and callspec and isinstance(callspec.params.get("case"), Case):
             chosen.append(callspec.params["case"])
     return chosen
@@ -481,6 +543,8 @@ def outcomes(request, tmp_path_factory, trained_project):
         pool.shutdown(wait=True, cancel_futures=True)
         server.shutdown()
         server.server_close()
+        while MOUNTS:
+            run(["umount", str(MOUNTS.pop())], root, check=False)
 
 
 # ---- the checks -------------------------------------------------------------------------------
@@ -517,7 +581,12 @@ def check_clean_failure(outcomes, case: Case) -> Outcome:
     stray = [str(p.relative_to(project)) for p in project.rglob(".*")
              if ".tmp" in p.name and not p.relative_to(project).parts[0] in (".git", ".dvc")]
     assert not stray, f"{case.id} left temporary files: {stray}"
-    if case.command == "train":
+    for relative, digest in outcome.kept.items():
+        assert hashlib.sha256((project / relative).read_bytes()).hexdigest() == digest, f"{case.id} changed {relative}"
+    if case.resumable:  # the rerun, once the fault is fixed, resumes instead of training again
+        state = json.loads((project / PATHS["checkpoints"] / "state.json").read_text())
+        assert (project / PATHS["checkpoints"] / state["model_file"]).is_file(), f"{case.id}: {state}"
+    elif case.command == "train" and not case.kept:
         checkpoints = project / PATHS["checkpoints"]
         left = sorted(p.name for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
         assert not [name for name in left if name != "state.json"], f"{case.id} left a checkpoint: {left}"
@@ -573,4 +642,9 @@ def test_unusable_tracking_uri(outcomes, case):
 
 @pytest.mark.parametrize("case", STORE_CASES)
 def test_damaged_store(outcomes, case):
+    check_clean_failure(outcomes, case)
+
+
+@pytest.mark.parametrize("case", FAULT_CASES)
+def test_fault_of_state_or_environment(outcomes, case):
     check_clean_failure(outcomes, case)

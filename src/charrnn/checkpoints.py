@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import keras
@@ -21,6 +22,7 @@ import mlflow
 
 from charrnn import files, model as model_lib
 from charrnn.config import TrainConfig
+from charrnn.errors import UserError
 from charrnn.faults import crash_point
 
 STATE_FILE = "state.json"
@@ -90,7 +92,15 @@ class Checkpoints:
         model_path = self.folder / state["model_file"]
         if not model_path.is_file():
             return None
-        model = model_lib.load_keras(model_path, compile=True)
+        # A file cut short or replaced would fail every resume the same way: say which, and the fix.
+        fix = f"remove {self.folder} to train from scratch (or restore the file) and rerun"
+        if not zipfile.is_zipfile(model_path):
+            raise UserError(f"checkpoint {model_path} is not a Keras model: not a zip archive (cut short or "
+                            f"replaced); {fix}")
+        try:
+            model = model_lib.load_keras(model_path, compile=True)
+        except UserError:
+            raise UserError(f"checkpoint {model_path} cannot be loaded by Keras (damaged); {fix}") from None
         restore_seed_states(model, state.get("seed_states", {}))
         return state, model
 

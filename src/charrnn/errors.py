@@ -6,6 +6,7 @@ stage stopped either way unwinds: temporary files are removed and the MLflow run
 
 from __future__ import annotations
 
+import errno
 import functools
 import signal
 import sys
@@ -43,6 +44,14 @@ def exit_on_user_error(main):
         except UserError as err:
             message = " ".join(str(err).split())
             print(f"error: {message}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Outputs are written to temporary names and renamed: the previous ones are intact.
+            where = f" writing {err.filename}" if err.filename else ""
+            print(f"error: no space left on the device{where}; free some space and rerun (the previous "
+                  "outputs are intact)", file=sys.stderr, flush=True)
             sys.exit(2)
         except KeyboardInterrupt as err:
             signum = getattr(err, "signum", signal.SIGINT)

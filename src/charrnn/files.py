@@ -10,6 +10,7 @@ removes it (``remove_leftovers``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -25,6 +26,18 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
+def _naming(path: Path):
+    """A full disk while writing ``path`` names it: the output the user knows (the outermost atomic
+    write), not a temporary file inside it or a library's nameless error."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; rename it to ``path`` only on success."""
     path = Path(path)
@@ -34,7 +47,8 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
+        with _naming(path):
+            yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode
         os.replace(tmp, path)
     finally:
@@ -84,7 +98,8 @@ def atomic_dir(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with _naming(path):
+            yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             shutil.rmtree(path)
