@@ -20,6 +20,8 @@ def main():
     parser.add_argument("--model", type=Path, required=True, help="model folder to write")
     parser.add_argument("--checkpoints", type=Path, required=True, help="resumable training state")
     parser.add_argument("--history", type=Path, required=True, help="per-epoch losses (CSV)")
+    parser.add_argument("--run-info", type=Path, required=True,
+                        help="what trained (JSON: precision, LSTM kernel path), a DVC metric")
     parser.add_argument("--corpus", type=Path, required=True, help="corpus.json of `vectorize` (MLflow dataset)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
@@ -30,7 +32,7 @@ def main():
         raise UserError(f"{args.corpus} not found (written by `vectorize` since this version); "
                         "rerun `dvc repro vectorize`")
     corpus = json.loads(args.corpus.read_text(encoding="utf-8"))
-    remove_leftovers(args.model, args.history)  # the checkpoint folder sweeps its own
+    remove_leftovers(args.model, args.history, args.run_info)  # the checkpoint folder sweeps its own
     check_server()
     threads_from_env()  # a bad CHARRNN_THREADS fails before TensorFlow loads
     with importing_tensorflow():  # TensorFlow takes ~10 s to load: params and server first
@@ -38,7 +40,8 @@ def main():
     quiet_python_logs()
     configure_threads()
     final = train(config, args.sequences, args.vocabulary, args.model, args.checkpoints, args.history,
-                  mlflow_config.experiment, params, args.params, corpus, mlflow_config.registered_model)
+                  mlflow_config.experiment, params, args.params, corpus, mlflow_config.registered_model,
+                  args.run_info)
     if final is None:
         print("worker done (the chief writes the model and the MLflow run)")
         return

@@ -31,8 +31,8 @@ TINY_PARAMS = {
 }
 
 
-# The longest test files first: pytest-xdist (pyproject's addopts, --dist loadfile) hands whole
-# files to its two workers in collection order, so a long one started last would run alone at the end.
+# The longest test files first: pytest-xdist (pyproject's addopts) hands out work in collection
+# order, so a long one started last would run alone at the end.
 FILE_ORDER = ("test_robustness.py", "test_team.py", "test_bad_input.py", "test_distributed.py",
               "test_experiments.py", "test_pipeline.py", "test_lstm_cpu.py", "test_units.py", "test_generate.py")
 
@@ -112,7 +112,7 @@ def project(tmp_path, corpus_text) -> Path:
 STAGE_OUTPUTS = {
     "vectorize": ("data/vectorized",),
     "sequences": ("data/sequences",),
-    "train": ("models", "checkpoints", "metrics/history.csv", "mlflow.db", "mlruns"),
+    "train": ("models", "checkpoints", "metrics/history.csv", "metrics/train.json", "mlflow.db", "mlruns"),
     "evaluate": ("metrics/evaluate.json", "samples"),
 }
 STAGES = tuple(STAGE_OUTPUTS)

@@ -21,8 +21,9 @@ def shown_metrics(project) -> dict[str, dict]:
         for exp in entry.get("experiments") or []:
             rows += [(rev.get("name") or rev["rev"], rev["data"]) for rev in exp["revs"]]
         for name, data in rows:
-            metrics = (data.get("metrics") or {}).get("metrics/evaluate.json", {})
-            out[name] = metrics.get("data") or {"error": metrics.get("error")}
+            metrics = data.get("metrics") or {}
+            evaluate, run_info = metrics.get("metrics/evaluate.json", {}), metrics.get("metrics/train.json", {})
+            out[name] = {**(evaluate.get("data") or {"error": evaluate.get("error")}), **(run_info.get("data") or {})}
     return out
 
 
@@ -43,6 +44,8 @@ def test_every_experiment_carries_its_metrics_and_curves(trained_project, tmp_pa
     names = ("main", "narrow", "queued-a", "queued-b")
     for name in names:
         assert isinstance(shown.get(name, {}).get("eval_val_loss"), float), f"{name}: {shown.get(name)}"
+        # what trained it, beside its metrics: the precision and the LSTM kernel path
+        assert shown[name]["precision"] == "float32" and shown[name]["lstm_kernel"], f"{name}: {shown[name]}"
     assert len({shown[n]["eval_val_loss"] for n in names}) == len(names)  # four different models
 
     diff = json.loads(dvc(project, "metrics", "diff", "narrow", "queued-b", "--json").stdout)

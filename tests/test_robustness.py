@@ -53,8 +53,9 @@ def _runs(project):
 
 TRAIN_ARGV = [str(BIN / "python"), "stages/train.py", "--sequences", "data/sequences", "--vocabulary",
               "data/vectorized/vocabulary.json", "--corpus", "data/vectorized/corpus.json", "--model",
-              "models/char_rnn", "--checkpoints", "checkpoints/train", "--history", "metrics/history.csv"]
-RESULTS = ("models/char_rnn/model.keras", "metrics/history.csv")
+              "models/char_rnn", "--checkpoints", "checkpoints/train", "--history", "metrics/history.csv",
+              "--run-info", "metrics/train.json"]
+RESULTS = ("models/char_rnn/model.keras", "metrics/history.csv", "metrics/train.json")
 CHARS_PER_EPOCH = 25 * 16 * 32  # RESUME_PARAMS steps x TINY_PARAMS batch x seq_length
 
 
@@ -238,16 +239,23 @@ def test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(k
     assert resumed_loss == reference_loss and len(reference_loss) == 4 * 25 // 2  # every log_every_steps
 
 
-def test_a_resume_updates_raised_epochs_and_never_writes_into_a_deleted_run(trained_base):
+def _crashed(trained_base, name: str, crash: str, **train):
+    """A copy of the base whose training was killed at ``crash``, its run, and ``train`` params set."""
     root, base = trained_base
-    project = root / "deleted-run"
+    project = root / name
     shutil.copytree(base, project)
-    _interrupt(project, {"crash": "checkpoint-state-written@2"})
+    _interrupt(project, {"crash": crash})
     (old,) = _runs(project)
-    _client(project).delete_run(old.info.run_id)  # as the UI's Delete does
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["epochs"] = 5  # not part of the resume key while the learning rate is constant
+    params["train"].update(train)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project, old
+
+
+def test_a_resume_updates_raised_epochs_and_never_writes_into_a_deleted_run(trained_base):
+    # epochs are not part of the resume key while the learning rate is constant
+    project, old = _crashed(trained_base, "deleted-run", "checkpoint-state-written@2", epochs=5)
+    _client(project).delete_run(old.info.run_id)  # as the UI's Delete does
 
     resumed = run(TRAIN_ARGV, project, env=_env())
     output = resumed.stdout + resumed.stderr
@@ -264,15 +272,9 @@ def test_a_resume_updates_raised_epochs_and_never_writes_into_a_deleted_run(trai
 
 
 def test_a_checkpoint_that_cannot_be_resumed_ends_its_run_killed_naming_the_new_one(trained_base):
-    root, base = trained_base
-    project = root / "abandoned"
-    shutil.copytree(base, project)
-    _interrupt(project, {"crash": "checkpoint-state-written@1"})
-    (old,) = _runs(project)
+    project, old = _crashed(trained_base, "abandoned", "checkpoint-state-written@1",
+                            epochs=1, learning_rate=0.02)  # another resume key
     assert old.info.status == "RUNNING"
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["epochs"], params["train"]["learning_rate"] = 1, 0.02  # another resume key
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     output = run(TRAIN_ARGV, project, env=_env())
     assert "resuming" not in output.stdout + output.stderr

@@ -210,7 +210,8 @@ def test_a_clone_pulls_everything_from_the_remote_and_reruns_nothing(tmp_path, t
 
 TRAIN_ARGV = [str(BIN / "python"), "stages/train.py", "--sequences", "data/sequences", "--vocabulary",
               "data/vectorized/vocabulary.json", "--corpus", "data/vectorized/corpus.json", "--model",
-              "models/char_rnn", "--checkpoints", "checkpoints/train", "--history", "metrics/history.csv"]
+              "models/char_rnn", "--checkpoints", "checkpoints/train", "--history", "metrics/history.csv",
+              "--run-info", "metrics/train.json"]
 
 
 def _state(project) -> dict:

@@ -3,22 +3,30 @@
 TensorFlow's pip package ships its headers and ``tf.sysconfig`` gives the flags to build ops
 against it, so the kernels (one LSTM step's gate arithmetic per direction, and the whole
 recurrence per direction) are compiled here, on the user's machine, the first time a
-CPU training needs them (about half a minute), and cached beside the precision verdict
-(``~/.cache/charrnn/ops/<key>/``, the key covering the source, TensorFlow's version and the
-machine). Where there is no C++ compiler, or the build or load fails, :func:`load` returns None
-once with a one-line note and the fused LSTM runs its Python ops, which compute the same math.
+CPU training needs them, and cached beside the precision verdict (``~/.cache/charrnn/ops/<key>/``,
+the key covering the source, TensorFlow's version, the machine and the compiler). One process
+builds per key (a file lock); the others wait and load its build. Where there is no C++ compiler,
+or the build or load fails, :func:`load` returns None with a one-line note (a failed build is
+remembered per key) and the fused LSTM runs its Python ops, which compute the same math.
 ``CHARRNN_CELL_OPS=0`` turns the compiled ops off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl  # the compiled ops are built on Linux (and macOS): elsewhere no lock is needed
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 SOURCE = Path(__file__).with_name("lstm_cpu_ops.cc")
 
@@ -31,8 +39,30 @@ def cache_dir() -> Path:
     return cache_file().parent / "ops"  # beside the precision verdict
 
 
+COMPILE_TIMEOUT_S = 600  # one compiler run; a hung compiler must not hang the training
+
+# Target flags, best first. -march=native but AVX512-FP16, whose Eigen packet code GCC 12 cannot
+# compile; GCC 11 (Ubuntu 22.04, RHEL 9) knows no AVX512-FP16 option at all, so it gets plain
+# -march=native (it cannot enable AVX512-FP16 either); only a compiler that cannot target this CPU
+# gets the generic build, and says so.
+NATIVE_TARGETS = (["-march=native", "-mno-avx512fp16"], ["-march=native"])
+
+
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _compiler_identity(compiler: str | None) -> str:
+    """The compiler's path and version line: part of the cache key, so installing a newer compiler
+    (the advised fix of a failed build) builds again."""
+    if compiler is None:
+        return "none"
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+        version = (result.stdout or result.stderr).strip().splitlines()[0] if result.returncode == 0 else "?"
+    except (OSError, subprocess.SubprocessError, IndexError):
+        version = "unusable"
+    return f"{shutil.which(compiler) or compiler}|{version}"
 
 
 def library_path() -> Path:
@@ -40,8 +70,13 @@ def library_path() -> Path:
     from charrnn.precision import machine_kind
 
     # machine_kind() names the processor, its flags and TensorFlow's version
-    key = hashlib.sha256(SOURCE.read_bytes() + machine_kind().encode() + sys.version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + machine_kind().encode() + sys.version.encode()
+                         + _compiler_identity(_compiler()).encode()).hexdigest()[:16]
     return cache_dir() / key / "charrnn_lstm_cell_ops.so"
+
+
+def _failure_file(library: Path) -> Path:
+    return library.with_name("build-failed.txt")
 
 
 def build(target: Path, machine: list[str] | None = None) -> None:
@@ -60,15 +95,26 @@ def build(target: Path, machine: list[str] | None = None) -> None:
     flags = [*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
     errors = []
     try:
-        for target_flags in ([machine] if machine is not None else [["-march=native", "-mno-avx512fp16"], []]):
+        for target_flags in ([machine] if machine is not None else [*NATIVE_TARGETS, []]):
+            if not target_flags and machine is None:
+                print(f"lstm_cpu: {Path(compiler).name} cannot build for this CPU ({errors[-1]}); building the "
+                      "generic (slower) ops instead: install a newer g++ or clang++, or set CXX, to get the "
+                      "build for this CPU", file=sys.stderr, flush=True)
             command = [compiler, "-shared", "-fPIC", "-O3", "-w", *target_flags, str(SOURCE), "-o", tmp, *flags]
-            result = subprocess.run(command, capture_output=True, text=True)
+            try:
+                result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{Path(compiler).name} did not finish in {COMPILE_TIMEOUT_S} s") from None
             if result.returncode == 0:
+                # What the library was built for, read back by build_target() (runs record it).
+                target.with_name("build.json").write_text(json.dumps(
+                    {"flags": target_flags, "compiler": _compiler_identity(compiler)}))
                 os.replace(tmp, target)
                 return
             lines = result.stderr.strip().splitlines()
-            errors.append(next((line for line in lines if "error" in line), lines[-1] if lines else "no message"))
-        raise RuntimeError(f"{Path(compiler).name} failed: {errors[-1].strip()}")
+            errors.append(next((line for line in lines if "error" in line), lines[-1] if lines else "no message")
+                          .strip())
+        raise RuntimeError(f"{Path(compiler).name} failed: {errors[-1]}")
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -82,17 +128,48 @@ def load():
         import tensorflow as tf
 
         try:
-            path = library_path()
-            if not path.exists():
-                print("lstm_cpu: compiling the LSTM cell ops for this machine (once)", file=sys.stderr, flush=True)
-                build(path)
+            path = _built_library()
             module = tf.load_op_library(str(path))
         except Exception as error:  # any failure: the Python ops compute the same thing
-            print(f"lstm_cpu: compiled cell ops unavailable ({error}); using TensorFlow ops",
-                  file=sys.stderr, flush=True)
+            print(f"lstm_cpu: compiled cell ops unavailable ({' '.join(str(error).split())}); using "
+                  "TensorFlow ops", file=sys.stderr, flush=True)
             module = None
     _loaded["module"] = module
     return module
+
+
+def build_target() -> dict | None:
+    """The loaded build's target flags and compiler (``{"flags": [...], "compiler": ...}``), or None."""
+    if load() is None:
+        return None
+    try:
+        return json.loads(library_path().with_name("build.json").read_text())
+    except (OSError, ValueError):
+        return {"flags": ["?"], "compiler": _compiler_identity(_compiler())}
+
+
+def _built_library() -> Path:
+    """This machine's build: made once per cache key by whichever process gets the lock first (the
+    others wait, then load it); a failed build is remembered there, so the next process says why
+    without compiling again until the compiler, the source or TensorFlow change."""
+    path = library_path()
+    failed = _failure_file(path)
+    if not path.exists() and not failed.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(".build.lock"), "w") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not path.exists() and not failed.exists():
+                print("lstm_cpu: compiling the LSTM cell ops for this machine (once)", file=sys.stderr, flush=True)
+                try:
+                    build(path)
+                except (RuntimeError, OSError) as error:
+                    with contextlib.suppress(OSError):  # an unwritable cache: said again next time
+                        failed.write_text(" ".join(str(error).split()) + "\n")
+                    raise
+    if failed.exists() and not path.exists():
+        raise RuntimeError(f"{failed.read_text().strip()} (remembered in {failed}; delete it to try again)")
+    return path
 
 
 def runs_sequence(module, matmul_dtype) -> bool:

@@ -36,6 +36,8 @@ Usage (before ``model.compile``, so that ``jit_compile`` sees the layers as XLA-
 
 from __future__ import annotations
 
+import os
+
 import keras
 import tensorflow as tf
 
@@ -299,6 +301,45 @@ def install(layer, *, force: bool = False, matmul_dtype=None, compiled: bool = T
     if eligible(layer):
         object.__setattr__(layer, "supports_jit", True)
     return True
+
+
+def kernel_path(model, batch_size: int, jit_compile: bool = False) -> str:
+    """In words, what computes ``model``'s recurrent layers in training: the compiled whole-sequence
+    ops and the instruction set they run on, the per-step compiled ops, TensorFlow's ops, cuDNN, or
+    Keras' own layer. Printed at the start of training and recorded with the run."""
+    lstms = [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, keras.layers.LSTM)]
+    if not lstms:
+        return "Keras' own layer (GRU)"
+    if _gpu_visible():
+        return "cuDNN (GPU)"
+    if not all(is_installed(layer) and eligible(layer) for layer in lstms):
+        return "Keras' own LSTM layer (a configuration the fused kernel does not cover)"
+    if jit_compile:
+        return "fused LSTM on TensorFlow's ops, compiled by XLA (custom ops cannot be)"
+    ops = cell_ops.load()
+    if ops is None:
+        return "fused LSTM on TensorFlow's ops (no compiled ops: see the note above)"
+    build = cell_ops.build_target() or {"flags": ["?"]}
+    units = {layer.units for layer in lstms}
+    bfloat16 = any(layer.compute_dtype == "bfloat16" for layer in lstms)
+    mm_dtype = tf.bfloat16 if bfloat16 else tf.float32
+    if not (cell_ops.runs_sequence(ops, mm_dtype) and all(u % 16 == 0 for u in units)):
+        return "compiled per-step LSTM cell ops" + (" (matmuls in bfloat16 on TensorFlow's ops)" if bfloat16 else "")
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if not any(f.startswith("-march") for f in build["flags"]):
+        isa = "generic build (no -march)"
+    elif bfloat16 and "amx_bf16" in flags and os.environ.get("CHARRNN_AMX", "1") != "0" \
+            and batch_size % 16 == 0 and all(u % 32 == 0 for u in units):
+        isa = "AMX tiles"
+    elif bfloat16:
+        isa = "AVX512-BF16"
+    elif "avx512f" in flags:
+        isa = "AVX-512"
+    elif "avx2" in flags:
+        isa = "AVX2"
+    else:
+        isa = "this CPU's vector unit"
+    return f"compiled whole-sequence LSTM ops, {'bfloat16' if bfloat16 else 'float32'} on {isa}"
 
 
 def uninstall(layer) -> None:

@@ -21,7 +21,7 @@ import keras
 import mlflow
 import tensorflow as tf
 
-from charrnn import files, lstm_cpu, model as model_lib, precision, sequences, tracking
+from charrnn import cell_ops, files, lstm_cpu, model as model_lib, precision, sequences, tracking
 from charrnn.batches import steps_per_epoch, training_dataset, validation_dataset
 from charrnn.checkpoints import RESUMABLE, Checkpoints, EpochCheckpoint, resume_key
 from charrnn.config import TrainConfig
@@ -127,11 +127,12 @@ def train(
     history_path: Path,
     experiment: str,
     params: dict,
-    params_file: Path = Path("params.yaml"),
-    corpus: dict | None = None,
-    registered_model: str = "charrnn",
+    params_file: Path,
+    corpus: dict | None,
+    registered_model: str,
+    run_info_path: Path,
 ) -> dict | None:
-    """Train (or resume), save the model folder and history, and log the run.
+    """Train (or resume), save the model folder, history and run info, and log the run.
 
     ``params`` are every param of the run, flat (``train.rnn_units``), as logged to MLflow;
     ``corpus`` describes the corpus (``vectorize``'s ``corpus.json``). Returns the final metrics,
@@ -150,7 +151,6 @@ def train(
     chief = is_chief(strategy)
     experiment_id = tracking.setup(experiment) if chief else None  # before any training: fail fast
     policy, why = precision.resolve(config.precision, config, len(vocabulary), manifest["seq_length"])
-    print(f"train.precision: {policy} ({why})", flush=True)
     config = dataclasses.replace(config, precision=policy)
     configure_determinism(config)
     seq_length = manifest["seq_length"]
@@ -181,6 +181,8 @@ def train(
             # Recompiling keeps the optimizer (and its restored state); only the train step changes.
             model.compile(optimizer=model.optimizer, loss=model.loss, jit_compile=True)
     initial_epoch = state["epoch"]
+    kernel = lstm_cpu.kernel_path(model, config.batch_size, config.jit_compile and config.strategy == "default")
+    print(f"train: precision {policy} ({why}); LSTM: {kernel}", flush=True)  # what runs, in one line
 
     train_shards = list(zip(sequences.shard_paths(sequences_dir, manifest, "train"),
                             [s["windows"] for s in manifest["splits"]["train"]["shards"]]))
@@ -200,6 +202,11 @@ def train(
         state["run_id"] = run_id
         if abandoned:
             mlflow.MlflowClient().set_tag(abandoned, tracking.SUPERSEDED_BY_TAG, run_id)
+        build = cell_ops.build_target()
+        mlflow.set_tags({"charrnn.precision": policy, "charrnn.precision_reason": why[:500],
+                         "charrnn.lstm_kernel": kernel,
+                         "charrnn.ops_build": f"{' '.join(build['flags']) or 'generic'}; {build['compiler']}"
+                         if build else "none (TensorFlow ops)"})
         if new_run:
             record_new_run(params, key, model, vocabulary, manifest, corpus, state["history"], policy)
         logged = {} if new_run else {k: max(tracking.logged_steps(run_id, k), default=-1) for k in CURVES}
@@ -238,6 +245,7 @@ def train(
         model_lib.save_model_dir(model, vocabulary, Path(model_dir))
         crash_point("final-model-saved")
         files.write_text(history_path, history_csv(history))
+        files.write_json(run_info_path, {"precision": policy, "lstm_kernel": kernel})
         mlflow.set_tag(tracking.MODEL_HASH_TAG, files.sha256_file(Path(model_dir) / model_lib.MODEL_FILE))
         mlflow.log_artifact(str(history_path))
         log_models(model, len(vocabulary), Path(model_dir), registered_model, final)
