@@ -187,12 +187,18 @@ MOUNTS: list[Path] = []  # small file systems of the disk-full cases, unmounted 
 CAN_MOUNT = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
 
 
+class CannotMount(Exception):
+    """Root, but no right to mount here (a container without the capability): the case is skipped."""
+
+
 def small_disk_at(relative: str, size: str = "64k"):
     """``relative`` becomes a file system of ``size`` (root only: a small tmpfs)."""
     def prepare(project: Path) -> None:
         target = project / relative
         target.mkdir(parents=True, exist_ok=True)
-        run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], project)
+        mounted = run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], project, check=False)
+        if mounted.returncode != 0:
+            raise CannotMount(mounted.stderr.strip() or f"mount exited {mounted.returncode}")
         MOUNTS.append(target)
 
     return prepare
@@ -647,4 +653,8 @@ def test_damaged_store(outcomes, case):
 
 @pytest.mark.parametrize("case", FAULT_CASES)
 def test_fault_of_state_or_environment(outcomes, case):
+    try:
+        outcomes[1][case.id].result()
+    except CannotMount as err:
+        pytest.skip(f"cannot mount a small file system here: {err}")
     check_clean_failure(outcomes, case)
