@@ -4,7 +4,7 @@ partial output and no temporary file behind.
 
 The stages run as subprocesses, exactly as DVC runs them: the command lines are dvc.yaml's
 ``cmd`` with the paths of its ``vars``. A process that loads TensorFlow costs seconds of CPU, so
-the upstream artifacts are copies of the session's trained tiny project (``trained_project``),
+the upstream artifacts are copies of one trained tiny project (``conftest.trained_project``),
 stepped back to the stage a case needs, and the selected cases run two at a time in a thread
 pool (one per core), each in its own copy; each test waits for and checks its own case.
 """
