@@ -80,7 +80,7 @@ def evaluate(model_dir: Path, sequences_dir: Path, sample: SampleConfig, experim
         tracking.delete_tag(run_id, tracking.EVALUATE_ERROR_TAG)
     except BaseException as err:
         with contextlib.suppress(Exception):  # a server that is gone: the stage's own error line says so
-            mlflow.set_tag(tracking.EVALUATE_ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
+            mlflow.set_tag(tracking.EVALUATE_ERROR_TAG, tracking.error_text(err))
         with contextlib.suppress(Exception):
             mlflow.end_run(status=status if run else "FAILED")
         raise

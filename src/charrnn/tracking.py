@@ -258,7 +258,7 @@ def end_run_with_error(err: BaseException) -> UserError | None:
             with contextlib.suppress(Exception):
                 monitor.finish()
         return None if isinstance(err, KeyboardInterrupt) else server_down_error(uri)
-    mlflow.set_tag(ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
+    mlflow.set_tag(ERROR_TAG, error_text(err))
     mlflow.end_run(status=status)
     return None
 
@@ -378,6 +378,11 @@ def active_run_exists(run_id: str) -> bool:
         return mlflow.get_run(run_id).info.lifecycle_stage == "active"
     except mlflow.exceptions.MlflowException:
         return False
+
+
+def error_text(err: BaseException) -> str:
+    """An exception as a tag value (MLflow caps tags at 5,000 characters)."""
+    return f"{type(err).__name__}: {err}"[:5000]
 
 
 def delete_tag(run_id: str, key: str) -> None:
