@@ -191,7 +191,7 @@ def main() -> None:
         val_paths = sequences.shard_paths(tmp / "seq", manifest, "val")
         val_windows = manifest["splits"]["val"]["windows"]
         vocab_size = len(vectorized.vocabulary)
-        policy, why = precision.resolve(args.precision, config, vocab_size, args.seq_length)
+        policy, why, _ = precision.resolve(args.precision, config, vocab_size, args.seq_length)
         print(f"precision {policy} ({why})", flush=True)
         config = dataclasses.replace(config, precision=policy)
         configure_determinism(config)

@@ -490,30 +490,39 @@ def test_bfloat16_sequence_ops_on_amx_tiles_are_as_accurate_as_tensorflow_ops(co
     assert any(np.any(a.numpy() != v) for a, v in zip(amx, vector)), "CHARRNN_AMX=0 changed nothing"
 
 
-def test_sequence_ops_built_for_avx2_match_tensorflow_ops(compiled_ops, tmp_path):
-    """The build an AVX2-only machine gets (8-float vectors, smaller tiles): the same values and
-    gradients as TensorFlow's ops, as this machine's build (above). Runs on any x86-64 CPU with
-    AVX2; compiled here for Haswell whatever this machine is."""
+def test_sequence_ops_built_for_avx2_match_tensorflow_ops_and_build_once(compiled_ops, tmp_path):
+    """The build an AVX2-only machine gets (8-float vectors, smaller tiles; ``CHARRNN_OPS_MARCH=haswell``
+    asks for it on any x86-64 CPU with AVX2): the same values and gradients as TensorFlow's ops, as
+    this machine's build (above); the library says it was built for AVX2 and the run's kernel line
+    says so. Two processes asking for it at once build it once (the other waits and loads it)."""
     if "avx2" not in open("/proc/cpuinfo").read():
         pytest.skip("no AVX2 on this machine")
-    script = textwrap.dedent(f"""
-        from pathlib import Path
+    script = textwrap.dedent("""
         import numpy as np, tensorflow as tf
-        from charrnn import cell_ops
+        from charrnn import cell_ops, lstm_cpu
+        from charrnn.model import build_model
         from tests.test_lstm_cpu import fused_values_and_gradients, lstm_args, rel_err
-        path = Path({str(tmp_path)!r}) / "haswell.so"
-        cell_ops.build(path, machine=["-march=haswell"])
-        cell_ops._loaded["module"] = tf.load_op_library(str(path))
         args, weights = lstm_args(np.random.default_rng(5))
         expected = fused_values_and_gradients(args, weights, None, False)
         got = fused_values_and_gradients(args, weights, None, "sequence")
-        print(max(rel_err(g, e) for e, g in zip(expected, got)))
+        model = build_model(11, embedding_dim=4, rnn_units=16, num_layers=1, dropout=0.0, cell="lstm")
+        lstm_cpu.install_model(model)
+        print(max(rel_err(g, e) for e, g in zip(expected, got)), cell_ops.build_target()["isa"])
+        print(lstm_cpu.kernel_path(model, 4))
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    error = float(proc.stdout.split()[-1])
-    assert 0 < error < 1e-6, error  # measured 4e-7, as this machine's build
+    env = {**os.environ, "CHARRNN_OPS_MARCH": "haswell", "XDG_CACHE_HOME": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=root, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-2000:]
+        error, isa = out.splitlines()[-2].split()
+        assert 0 < float(error) < 1e-6, error  # measured 4e-7, as this machine's build
+        assert isa == "AVX2" and out.splitlines()[-1] == "compiled whole-sequence LSTM ops, float32 on AVX2"
+    compiles = sum(err.count("compiling the LSTM cell ops") for _, err in outputs)
+    assert compiles == 1, [err[-1000:] for _, err in outputs]
+    assert len(list(tmp_path.glob("charrnn/ops/*/charrnn_lstm_cell_ops.so"))) == 1
 
 
 def test_cell_ops_that_cannot_be_built_leave_one_note_and_tensorflow_ops(tmp_path):
@@ -553,10 +562,93 @@ def test_a_compiler_without_avx512fp16_options_still_builds_for_this_cpu(tmp_pat
     wrapper = tmp_path / "g++-without-avx512fp16"
     wrapper.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in *avx512fp16*)\n'
                        '  echo "g++: error: unrecognized command-line option \'$a\'" >&2; exit 1;; esac; done\n'
-                       'exec g++ "$@"\n')
+                       'exec g++ "$@" -mno-avx512fp16\n')  # as GCC 11: -march=native without AVX512-FP16
     wrapper.chmod(0o755)
     monkeypatch.setenv("CXX", str(wrapper))
     cell_ops.build(tmp_path / "ops.so")
     code = subprocess.run(["objdump", "-d", str(tmp_path / "ops.so")], capture_output=True, text=True).stdout
     register = "zmm" if " avx512f " in f" {cpu} " else "ymm"
     assert len(re.findall(rf"%{register}\d+", code)) > 100, f"no {register} code: a generic build"
+
+
+# ---- the seams into Keras and TensorFlow the fast path depends on ---------------------------------
+# Each fails loudly when an upgrade moves the seam, instead of the fast path silently switching off.
+
+
+def fit_graph_ops(model, x, y) -> set:
+    """The op types in the graphs ``model.fit`` traced and ran (TensorFlow's graph trace, public API)."""
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    writer = tf.summary.create_file_writer(folder)
+    with writer.as_default():
+        tf.summary.trace_on(graph=True, profiler=False)
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+        tf.summary.trace_export("fit", step=0)
+    writer.close()
+    ops = set()
+    for path in os.listdir(folder):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, path)):
+            for value in event.summary.value:
+                metadata = tf.compat.v1.RunMetadata()
+                metadata.ParseFromString(value.tensor.string_val[0])
+                for graph in (g.pre_optimization_graph for g in metadata.function_graphs):
+                    ops |= {node.op for node in graph.node}
+                    ops |= {node.op for function in graph.library.function for node in function.node_def}
+    shutil.rmtree(folder)
+    return ops
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_the_compiled_ops_are_in_fits_train_step(precision):
+    """Where a compiler is installed, ``fit()``'s traced train step runs the compiled whole-sequence
+    ops (both directions), not a TensorFlow loop."""
+    from charrnn.model import build_model, compile_model
+
+    if shutil.which(os.environ.get("CXX") or "g++") is None:
+        pytest.skip("no C++ compiler here: TensorFlow's ops run (tested above)")
+    assert cell_ops.load() is not None, "a compiler is installed but the ops did not build: see stderr"
+    if precision == "mixed_bfloat16" and not cell_ops.runs_sequence(cell_ops.load(), tf.bfloat16):
+        pytest.skip("this build has no bfloat16 sequence kernels (no AVX512-BF16)")
+    model = build_model(11, embedding_dim=4, rnn_units=16, num_layers=1, dropout=0.0, cell="lstm", precision=precision)
+    assert lstm_cpu.install_model(model) == 1
+    from charrnn.model import compile_model as compile_
+    compile_(model, 1e-2)
+    ids = np.random.default_rng(0).integers(0, 11, (8, 10)).astype("int32")
+    ops = fit_graph_ops(model, ids, ids)
+    assert {"CharrnnLstmSequenceForward", "CharrnnLstmSequenceBackward"} <= ops, sorted(ops)
+    assert "While" not in ops and "StatelessWhile" not in ops  # no per-step loop left
+    lstm_cpu.uninstall(model.layers[2])  # the check can fail: Keras' own layer has no such op
+    model.train_function = None
+    assert "CharrnnLstmSequenceForward" not in fit_graph_ops(model, ids, ids)
+
+
+def test_install_replaces_the_inner_loop_that_keras_lstm_calls(monkeypatch):
+    """``install`` overrides ``LSTM.inner_loop`` on the instance; Keras' ``LSTM.call`` must go through it."""
+    calls = []
+    original = lstm_cpu.fused_lstm
+    monkeypatch.setattr(lstm_cpu, "fused_lstm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    layer = keras.layers.LSTM(8, return_sequences=True)
+    lstm_cpu.install(layer)
+    layer(tf.zeros([2, 3, 4]))
+    assert calls == [1], "keras.layers.LSTM.call no longer calls inner_loop: the fused LSTM is not used"
+
+
+def test_xla_tracing_is_detected():
+    """The compiled ops cannot run under XLA; the check that says so reads a private TensorFlow module,
+    and falls back to "XLA" (TensorFlow's ops, slower) when it moves: this test says when it did."""
+    probe = lambda: tf.constant(lstm_cpu._tracing_for_xla())  # noqa: E731
+    assert not lstm_cpu._tracing_for_xla()
+    assert not bool(tf.function(probe)())
+    assert bool(tf.function(probe, jit_compile=True)())
+
+
+def test_keras_optimizers_all_reduce_through_the_method_the_distributed_step_replaces():
+    """The strategy loop hands Keras' optimizer gradients already summed over the replicas and
+    replaces ``_all_reduce_sum_gradients`` so that it does not sum them again after clipping."""
+    optimizer = keras.optimizers.AdamW(1e-3, clipnorm=1.0)
+    variable = keras.Variable([1.0, 2.0])
+    calls = []
+    optimizer._all_reduce_sum_gradients = lambda pairs: calls.append(1) or list(pairs)
+    optimizer.apply([tf.constant([0.5, 0.5])], [variable])
+    assert calls == [1], "Keras' optimizer no longer all-reduces through _all_reduce_sum_gradients"

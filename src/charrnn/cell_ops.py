@@ -4,16 +4,18 @@ TensorFlow's pip package ships its headers and ``tf.sysconfig`` gives the flags 
 against it, so the kernels (one LSTM step's gate arithmetic per direction, and the whole
 recurrence per direction) are compiled here, on the user's machine, the first time a
 CPU training needs them, and cached beside the precision verdict (``~/.cache/charrnn/ops/<key>/``,
-the key covering the source, TensorFlow's version, the machine and the compiler). One process
+the key covering the source, TensorFlow's version, the machine, the compiler and the target). One process
 builds per key (a file lock); the others wait and load its build. Where there is no C++ compiler,
 or the build or load fails, :func:`load` returns None with a one-line note (a failed build is
 remembered per key) and the fused LSTM runs its Python ops, which compute the same math.
-``CHARRNN_CELL_OPS=0`` turns the compiled ops off.
+``CHARRNN_CELL_OPS=0`` turns the compiled ops off; ``CHARRNN_OPS_MARCH=haswell`` (any ``-march``
+value) builds for that target instead of this CPU, e.g. to run the AVX2 path on an AVX-512 machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -23,20 +25,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-try:
-    import fcntl  # the compiled ops are built on Linux (and macOS): elsewhere no lock is needed
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from charrnn import machine
 
 SOURCE = Path(__file__).with_name("lstm_cpu_ops.cc")
+MARCH_ENV = "CHARRNN_OPS_MARCH"
 
 _loaded: dict = {}
 
 
 def cache_dir() -> Path:
-    from charrnn.precision import cache_file
+    return machine.cache_dir() / "ops"  # beside the precision verdict
 
-    return cache_file().parent / "ops"  # beside the precision verdict
+
+def requested_target() -> list[str] | None:
+    """The target flags ``CHARRNN_OPS_MARCH`` asks for, or None (this CPU's best)."""
+    march = os.environ.get(MARCH_ENV, "").strip()
+    return [f"-march={march}"] if march else None
 
 
 COMPILE_TIMEOUT_S = 600  # one compiler run; a hung compiler must not hang the training
@@ -67,11 +71,10 @@ def _compiler_identity(compiler: str | None) -> str:
 
 def library_path() -> Path:
     """Where this machine's build of the ops lives (it may not exist yet)."""
-    from charrnn.precision import machine_kind
-
     # machine_kind() names the processor, its flags and TensorFlow's version
-    key = hashlib.sha256(SOURCE.read_bytes() + machine_kind().encode() + sys.version.encode()
-                         + _compiler_identity(_compiler()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + machine.machine_kind().encode() + sys.version.encode()
+                         + _compiler_identity(_compiler()).encode()
+                         + repr(requested_target()).encode()).hexdigest()[:16]
     return cache_dir() / key / "charrnn_lstm_cell_ops.so"
 
 
@@ -79,9 +82,9 @@ def _failure_file(library: Path) -> Path:
     return library.with_name("build-failed.txt")
 
 
-def build(target: Path, machine: list[str] | None = None) -> None:
-    """Compile the ops into ``target`` (written to a temporary name and renamed). ``machine``:
-    the target flags to use instead of this machine's (e.g. ``["-march=haswell"]``)."""
+def build(target: Path, flags_for: list[str] | None = None) -> None:
+    """Compile the ops into ``target`` (written to a temporary name and renamed). ``flags_for``:
+    the target flags to use instead of this CPU's best (e.g. ``["-march=haswell"]``)."""
     import tensorflow as tf
 
     compiler = _compiler()
@@ -90,13 +93,11 @@ def build(target: Path, machine: list[str] | None = None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build.", suffix=".so", dir=target.parent)
     os.close(fd)
-    # Built for, and cached per, this kind of machine: -march=native, except AVX512-FP16, whose
-    # Eigen packet code GCC 12 cannot compile; a compiler that refuses those flags gets a plain -O3.
     flags = [*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
     errors = []
     try:
-        for target_flags in ([machine] if machine is not None else [*NATIVE_TARGETS, []]):
-            if not target_flags and machine is None:
+        for target_flags in ([flags_for] if flags_for is not None else [*NATIVE_TARGETS, []]):
+            if not target_flags and flags_for is None:
                 print(f"lstm_cpu: {Path(compiler).name} cannot build for this CPU ({errors[-1]}); building the "
                       "generic (slower) ops instead: install a newer g++ or clang++, or set CXX, to get the "
                       "build for this CPU", file=sys.stderr, flush=True)
@@ -119,6 +120,15 @@ def build(target: Path, machine: list[str] | None = None) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def _isa(library: str | Path) -> str:
+    """The instruction set ``library`` was compiled for, as its ``charrnn_ops_isa()`` says. Only
+    for a library TensorFlow has loaded: a first dlopen here would register its ops outside
+    ``tf.load_op_library``, which would then find none."""
+    function = ctypes.CDLL(str(library)).charrnn_ops_isa
+    function.restype = ctypes.c_char_p
+    return function().decode()
+
+
 def load():
     """The loaded op module (``.charrnn_lstm_cell_forward``/``_backward``), or None if unavailable."""
     if "module" in _loaded:
@@ -130,6 +140,7 @@ def load():
         try:
             path = _built_library()
             module = tf.load_op_library(str(path))
+            _loaded["path"] = path
         except Exception as error:  # any failure: the Python ops compute the same thing
             print(f"lstm_cpu: compiled cell ops unavailable ({' '.join(str(error).split())}); using "
                   "TensorFlow ops", file=sys.stderr, flush=True)
@@ -139,13 +150,16 @@ def load():
 
 
 def build_target() -> dict | None:
-    """The loaded build's target flags and compiler (``{"flags": [...], "compiler": ...}``), or None."""
+    """The loaded build's target flags, compiler and instruction set (``{"flags": [...], "compiler":
+    ..., "isa": "AVX-512"}``), or None."""
     if load() is None:
         return None
+    path = _loaded.get("path") or library_path()
     try:
-        return json.loads(library_path().with_name("build.json").read_text())
+        build = json.loads(path.with_name("build.json").read_text())
     except (OSError, ValueError):
-        return {"flags": ["?"], "compiler": _compiler_identity(_compiler())}
+        build = {"flags": ["?"], "compiler": _compiler_identity(_compiler())}
+    return {**build, "isa": _isa(path)}
 
 
 def _built_library() -> Path:
@@ -155,14 +169,11 @@ def _built_library() -> Path:
     path = library_path()
     failed = _failure_file(path)
     if not path.exists() and not failed.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(".build.lock"), "w") as lock:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        with machine.locked(path.with_name(".build.lock")):
             if not path.exists() and not failed.exists():
                 print("lstm_cpu: compiling the LSTM cell ops for this machine (once)", file=sys.stderr, flush=True)
                 try:
-                    build(path)
+                    build(path, requested_target())
                 except (RuntimeError, OSError) as error:
                     with contextlib.suppress(OSError):  # an unwritable cache: said again next time
                         failed.write_text(" ".join(str(error).split()) + "\n")

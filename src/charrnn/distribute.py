@@ -78,6 +78,10 @@ def make_train_step(model, strategy, global_batch: int):
         with strategy.scope():
             optimizer.build(variables)
     for opt in {id(o): o for o in (optimizer, getattr(optimizer, "inner_optimizer", optimizer))}.values():
+        if not callable(getattr(type(opt), "_all_reduce_sum_gradients", None)):  # tested: test_lstm_cpu.py
+            raise RuntimeError(f"Keras {keras.__version__}'s optimizer no longer sums gradients in "
+                               "_all_reduce_sum_gradients, which the strategy loop replaces: install the "
+                               "Keras version of pyproject.toml")
         opt._all_reduce_sum_gradients = list  # the gradients arrive summed over the replicas
 
     @tf.function

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from charrnn.errors import UserError
-from charrnn.model import rnn_layers
+from charrnn.model import lstm_cell, rnn_layers
 from charrnn.sampling import SamplingOptions
 from charrnn.vocabulary import Vocabulary
 
@@ -82,9 +82,7 @@ class Generator:
                 new_states.append((h,))
             else:  # Keras' LSTM: gates i, f, candidate, o
                 h, c = state
-                i, f, g, o = tf.split(z + h @ w["recurrent"][layer], 4, axis=-1)
-                c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
-                h = tf.sigmoid(o) * tf.tanh(c)
+                h, c, _ = lstm_cell(z + h @ w["recurrent"][layer], c)
                 new_states.append((h, c))
             x = h
         return x @ w["dense"][0] + w["dense"][1], new_states

@@ -42,6 +42,7 @@ import keras
 import tensorflow as tf
 
 from charrnn import cell_ops
+from charrnn.model import lstm_cell
 
 __all__ = ["fused_lstm", "install", "install_model", "uninstall", "is_installed", "eligible"]
 
@@ -144,16 +145,9 @@ def _make_fused(mm_dtype, ops=None, sequence=False):
             if ops is not None:
                 h, c_new, saved = ops.charrnn_lstm_cell_forward(xz[t], tf.matmul(h, rk), c)
                 return t + 1, h, c_new, ta_h.write(t, h), ta_saved.write(t, saved)
-            z = xz[t] + cast_back(tf.matmul(cast_mm(h), rk))
-            s = tf.sigmoid(z)
-            g = tf.tanh(z[:, 2 * units:3 * units])
-            i, f, _, o = tf.split(s, 4, axis=1)
-            c_new = f * c + i * g
-            tanh_c = tf.tanh(c_new)
-            h = o * tanh_c
-            ds = s - s * s  # sigmoid' of i, f, (unused), o
+            h, c_new, (i, f, g, o, tanh_c) = lstm_cell(xz[t] + cast_back(tf.matmul(cast_mm(h), rk)), c)
             saved = tf.concat([tf.concat([g, c, i, tanh_c], axis=1) * tf.concat(
-                [ds[:, :2 * units], one - g * g, ds[:, 3 * units:]], axis=1),
+                [i - i * i, f - f * f, one - g * g, o - o * o], axis=1),  # the activations' derivatives
                 o - h * tanh_c,  # dh_to_dc = o * (1 - tanh(c)^2)
                 f], axis=1)
             return t + 1, h, c_new, ta_h.write(t, h), ta_saved.write(t, saved)
@@ -214,8 +208,8 @@ def _make_fused(mm_dtype, ops=None, sequence=False):
             d_recurrent = mm(h0, dz_all[0], transpose_a=True) + mm(
                 tf.reshape(hs[:-1], [-1, units]), tf.reshape(dz_all[1:], [-1, 4 * units]),
                 transpose_a=True)
-            # Over the batch, then over time: one reduce_sum over all T * B rows took 1.3-1.4x as
-            # long on 2 cores (lstm_recurrence.py: bias_gradient_one_reduce).
+            # Over the batch, then over time: one reduce_sum over all T * B rows is slower
+            # (lstm_recurrence.py: bias_gradient_one_reduce).
             d_bias = tf.reduce_sum(tf.reduce_sum(tf.cast(dz_all, dtype), axis=1), axis=0)
             d_x = tf.transpose(
                 tf.reshape(mm(dz_flat, kernel, transpose_b=True), [steps, batch, n_in]),
@@ -307,7 +301,7 @@ def kernel_path(model, batch_size: int, jit_compile: bool = False) -> str:
     """In words, what computes ``model``'s recurrent layers in training: the compiled whole-sequence
     ops and the instruction set they run on, the per-step compiled ops, TensorFlow's ops, cuDNN, or
     Keras' own layer. Printed at the start of training and recorded with the run."""
-    lstms = [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, keras.layers.LSTM)]
+    lstms = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.LSTM)]
     if not lstms:
         return "Keras' own layer (GRU)"
     if _gpu_visible():
@@ -319,27 +313,31 @@ def kernel_path(model, batch_size: int, jit_compile: bool = False) -> str:
     ops = cell_ops.load()
     if ops is None:
         return "fused LSTM on TensorFlow's ops (no compiled ops: see the note above)"
-    build = cell_ops.build_target() or {"flags": ["?"]}
+    build = cell_ops.build_target()
     units = {layer.units for layer in lstms}
     bfloat16 = any(layer.compute_dtype == "bfloat16" for layer in lstms)
     mm_dtype = tf.bfloat16 if bfloat16 else tf.float32
     if not (cell_ops.runs_sequence(ops, mm_dtype) and all(u % 16 == 0 for u in units)):
         return "compiled per-step LSTM cell ops" + (" (matmuls in bfloat16 on TensorFlow's ops)" if bfloat16 else "")
-    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
-    if not any(f.startswith("-march") for f in build["flags"]):
-        isa = "generic build (no -march)"
-    elif bfloat16 and "amx_bf16" in flags and os.environ.get("CHARRNN_AMX", "1") != "0" \
+    built_for = build["isa"]  # what the library was compiled for (runs_sequence: bfloat16 => AVX512-BF16 or AMX)
+    if bfloat16 and built_for == "AMX" and os.environ.get("CHARRNN_AMX", "1") != "0" \
             and batch_size % 16 == 0 and all(u % 32 == 0 for u in units):
         isa = "AMX tiles"
     elif bfloat16:
         isa = "AVX512-BF16"
-    elif "avx512f" in flags:
+    elif built_for in ("AMX", "AVX512-BF16", "AVX-512"):
         isa = "AVX-512"
-    elif "avx2" in flags:
+    elif built_for == "AVX2":
         isa = "AVX2"
     else:
-        isa = "this CPU's vector unit"
+        isa = "generic build (no -march)"
     return f"compiled whole-sequence LSTM ops, {'bfloat16' if bfloat16 else 'float32'} on {isa}"
+
+
+def all_layers(model) -> list:
+    """Every layer of ``model``, those of nested models too (Keras' public ``layers``, recursively)."""
+    return [inner for layer in model.layers
+            for inner in [layer, *(all_layers(layer) if hasattr(layer, "layers") else [])]]
 
 
 def uninstall(layer) -> None:
@@ -358,8 +356,7 @@ def install_model(model, **kwargs) -> int:
     Drops the model's already traced train/test/predict functions, so the next call retraces
     with the fused kernel. ``jit_compile`` is decided by ``compile``: install before it.
     """
-    layers = [layer for layer in model._flatten_layers(include_self=False)
-              if isinstance(layer, keras.layers.LSTM)]
+    layers = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.LSTM)]
     installed = sum(install(layer, **kwargs) for layer in layers)
     if installed:
         for name in ("train_function", "test_function", "predict_function"):

@@ -1,16 +1,20 @@
-// The LSTM cell's gate arithmetic as two TensorFlow ops, one per direction, for lstm_cpu.py's loop.
+// The LSTM recurrence as TensorFlow ops for lstm_cpu.py's fused LSTM: four ops, each direction of
+// one step's gate arithmetic (CharrnnLstmCellForward / Backward) and of the whole recurrence,
+// matmuls with the recurrent kernel included (CharrnnLstmSequenceForward / Backward).
 //
 // Why: in lstm_cpu.fused_lstm's while loop each timestep runs one matmul and about 30 small
 // TensorFlow ops (sigmoid, tanh, split, concat, mul, add, ...) on [batch, units] tensors. At the
 // CPU-sized model's shapes the ops' dispatch, not their arithmetic, is what the step waits on.
-// These two kernels do that arithmetic in one pass each; the matmuls stay TensorFlow's (oneDNN).
-// Math and saved tensors are exactly those of the Python loop (see lstm_cpu.py). The gates, the
-// cell state and the saved factors are float32; the tensors that meet a matmul (hu and h forward,
-// dh_next and dz backward) are of type Tmm, float32 or bfloat16 (then rounded here as tf.cast
-// would, which saves the loop two cast ops per step and direction).
+// The cell ops do that arithmetic in one pass each (the matmuls stay TensorFlow's, oneDNN); the
+// sequence ops run the whole loop with no TensorFlow op per step. Math and saved tensors are
+// exactly those of the Python loop (see lstm_cpu.py). The gates, the cell state and the saved
+// factors are float32; the tensors that meet a matmul (hu and h forward, dh_next and dz backward)
+// are of type Tmm, float32 or bfloat16 (then rounded here as tf.cast would, which saves the loop
+// two cast ops per step and direction). Measurements: benchmarks/lstm_recurrence.py and
+// benchmarks/RESULTS.md.
 //
-// lstm_cpu.py compiles this file once per machine with the C++ compiler and TensorFlow's own
-// headers (tf.sysconfig) and falls back to the Python ops when that is not possible.
+// cell_ops.py compiles this file once per machine with the C++ compiler and TensorFlow's own
+// headers (tf.sysconfig); lstm_cpu.py falls back to TensorFlow's ops when that is not possible.
 
 #include <algorithm>
 #include <cstdint>
@@ -50,9 +54,8 @@ using ConstRowOf = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
 // Rows of the batch are independent; split them over TensorFlow's intra-op threads when the
 // work is big enough to pay for the hand-off (the split never changes any result). One block per
 // thread, not the cost model's smaller blocks: this runs once per timestep, and with those blocks
-// the sequence ops at the CPU-sized models' 16 x 512 and 32 x 384 took 1.16-1.39x the time of
-// TensorFlow's bare recurrent matmuls over two runs, with one block per thread 1.02-1.04x
-// (lstm_recurrence.py, 2-core Xeon).
+// the sequence ops took clearly longer than TensorFlow's bare recurrent matmuls at the CPU-sized
+// models' shapes (lstm_recurrence.py).
 void ForEachRow(OpKernelContext* ctx, int64_t rows, int64_t cost_per_row,
                 const std::function<void(int64_t, int64_t)>& fn) {
   constexpr int64_t kMinParallelCost = 100000;  // ~ cycles; below it the hand-off costs more
@@ -340,8 +343,7 @@ inline void ForRowTile(int64_t tile, int64_t rows, Fn&& fn) {
 // ---- AMX: the bfloat16 recurrent product on Intel's tile unit, where the CPU has one ----------
 //
 // Why: an AMX core multiplies bfloat16 at several times its AVX512-BF16 rate (TensorFlow's oneDNN
-// matmul reaches 870-1,100 GFLOP/s at 2048² on a 2-core AMX Xeon, against 235-280 in fp32), so
-// there the vdpbf16ps tiles above left the bfloat16 ops slower than TensorFlow's per-step matmul.
+// matmul, benchmarks/RESULTS.md), so there the vdpbf16ps tiles above left the bfloat16 ops slower than TensorFlow's per-step matmul.
 // A tile product covers 16 rows of the batch: A is 16 rows x 32 k of h (or dz), read in place; B is
 // 16 k pairs x 16 columns, which is exactly a stretch of the bfloat16 panels PackPanel writes
 // ([k/2][vector][lane][2], a row stride of vectors * 64 bytes); C is 16 x 16 float32. Used when the
@@ -721,3 +723,19 @@ REGISTER(float)
 REGISTER(bfloat16)
 #endif
 #undef REGISTER
+
+// The vector instruction set this library was compiled for, read by cell_ops.py (ctypes) so that
+// a run records what its kernels were built for, not what the CPU could do.
+extern "C" const char* charrnn_ops_isa() {
+#if defined(CHARRNN_AMX)
+  return "AMX";
+#elif defined(__AVX512BF16__)
+  return "AVX512-BF16";
+#elif defined(__AVX512F__)
+  return "AVX-512";
+#elif defined(__AVX2__)
+  return "AVX2";
+#else
+  return "generic";
+#endif
+}

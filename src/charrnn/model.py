@@ -76,6 +76,21 @@ def model_from_config(vocab_size: int, config, precision: str | None = None,
                        precision=precision or config.precision, stateful_batch=stateful_batch)
 
 
+def lstm_cell(z, c):
+    """Keras' LSTM cell with its default activations, one step, in Keras' gate order (i, f, c, o):
+    ``z = x @ kernel + h @ recurrent_kernel + bias`` [..., 4u] and the cell state ``c`` [..., u] give
+    ``(h, c_new, (i, f, g, o, tanh(c_new)))``. The one copy of the gate arithmetic in Python: the
+    fused CPU LSTM's TensorFlow loop and the generator call it (Keras' layer and the compiled ops
+    of lstm_cpu_ops.cc compute the same, and tests compare them)."""
+    import tensorflow as tf
+
+    i, f, g, o = tf.split(z, 4, axis=-1)
+    i, f, g, o = tf.sigmoid(i), tf.sigmoid(f), tf.tanh(g), tf.sigmoid(o)
+    c_new = f * c + i * g
+    tanh_c = tf.tanh(c_new)
+    return o * tanh_c, c_new, (i, f, g, o, tanh_c)
+
+
 def rnn_layers(model: keras.Model) -> list:
     """The recurrent layers (LSTM or GRU), input to output."""
     return [layer for layer in model.layers if isinstance(layer, (keras.layers.LSTM, keras.layers.GRU))]

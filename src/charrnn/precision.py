@@ -15,46 +15,25 @@ and logged to MLflow.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-from charrnn import files
+from charrnn import files, machine
 from charrnn.config import AUTO_BFLOAT16_MIN_SPEEDUP
 
 KERNEL = "lstm_cpu-6"  # bumped when the fused kernel's speed changes: older verdicts are measured again
 POLICIES = ("float32", "mixed_bfloat16")
 ROUNDS = 3           # timed rounds per policy, interleaved float32 / bfloat16
 STEPS_PER_ROUND = 2  # train steps per timed round
-
-
-def machine_kind() -> str:
-    """What decides the verdict: processor model and flags (or the GPU), TensorFlow's version."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        return f"gpu:{details.get('device_name', 'gpu')}:tf{tf.__version__}"
-    cpu = platform.processor()
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
-        flags = next((line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")), "")
-        cpu = model + ":" + hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12]
-    except OSError:
-        pass
-    return f"cpu:{cpu}:tf{tf.__version__}"
+PROBE_TIMEOUT_S = 900  # the child that times the train steps; a hung probe must not hang the training
 
 
 def cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "charrnn" / "precision.json"
+    return machine.cache_dir() / "precision.json"
 
 
 def probe_shape(config, vocab_size: int, seq_length: int) -> dict:
@@ -100,9 +79,13 @@ def time_train_steps(shape: dict) -> dict:
 
 def _measure_in_child(shape: dict) -> dict:
     """The child's timings, or ``{"error": ...}`` when it failed (oneDNN aborts the process on a
-    machine where it cannot build a bfloat16 matmul, so the probe cannot run in this process)."""
-    result = subprocess.run([sys.executable, "-m", "charrnn.precision", json.dumps(shape)],
-                            capture_output=True, text=True)
+    machine where it cannot build a bfloat16 matmul, so the probe cannot run in this process). The
+    child inherits ``CHARRNN_THREADS``, so it times the steps with the threads the run will use."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "charrnn.precision", json.dumps(shape)],
+                                capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"the timing did not finish in {PROBE_TIMEOUT_S} s"}
     lines = result.stdout.strip().splitlines()
     if result.returncode == 0 and lines:
         return json.loads(lines[-1])
@@ -110,36 +93,65 @@ def _measure_in_child(shape: dict) -> dict:
     return {"error": detail[:300]}
 
 
-def resolve(requested: str, config, vocab_size: int, seq_length: int) -> tuple[str, str]:
-    """(policy, why): ``requested`` itself unless it is ``auto``; ``config`` is the TrainConfig."""
-    if requested != "auto":
-        return requested, "set in params.yaml"
-    kind = machine_kind()
-    shape = probe_shape(config, vocab_size, seq_length)
-    key = f"{kind}|{KERNEL}|" + ",".join(f"{name}={value}" for name, value in shape.items())
-    path = cache_file()
+def _complete(entry) -> bool:
+    return isinstance(entry, dict) and ("error" in entry or all(f"{p}_s" in entry for p in POLICIES))
+
+
+def _read(path: Path) -> dict:
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
-        cache = {}
-    entry = cache.get(key)
-    if not isinstance(entry, dict) or not ("error" in entry or all(f"{p}_s" in entry for p in POLICIES)):
-        print("train.precision: auto: timing a train step in float32 and in bfloat16 (once per machine "
-              "and shape)", flush=True)
-        entry = cache[key] = _measure_in_child(shape)
-        try:
-            files.write_json(path, cache)
-        except OSError:
-            pass  # a read-only home: measure again next time
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _verdict(key: str, shape: dict, path: Path) -> tuple[dict, str]:
+    """The cached entry for ``key``, else measured and merged into the cache under a lock (so that
+    parallel runs measure once and lose none of each other's entries); and where it is kept."""
+    try:
+        with machine.locked(path.with_name("precision.lock")):
+            entry = _read(path).get(key)
+            if _complete(entry):
+                return entry, f"measured once, cached in {path}"
+            print("train.precision: auto: timing a train step in float32 and in bfloat16 (once per machine "
+                  "and shape)", flush=True)
+            entry = _measure_in_child(shape)
+            files.write_json(path, {**_read(path), key: entry})
+            return entry, f"measured once, cached in {path}"
+    except OSError as error:
+        reason = " ".join(str(error).split())
+    # An unwritable cache: measure for this run, and say that the next run measures again.
+    print(f"train.precision: auto: cannot cache the verdict in {path} ({reason}): timing a train step "
+          "now, and again every run; set XDG_CACHE_HOME to a writable folder to keep it", flush=True)
+    entry = _measure_in_child(shape)
+    return entry, "measured for this run only: the cache is not writable"
+
+
+class Resolved(NamedTuple):
+    policy: str                  # what trains: float32, mixed_bfloat16, ...
+    why: str                     # one clause, printed at the start of training and logged
+    speedup: float | None = None  # bfloat16's measured speed over float32's, when auto measured it
+
+
+def resolve(requested: str, config, vocab_size: int, seq_length: int) -> Resolved:
+    """The policy to train in: ``requested`` itself unless it is ``auto``; ``config`` is the TrainConfig."""
+    if requested != "auto":
+        return Resolved(requested, "set in params.yaml")
+    kind = machine.machine_kind()
+    shape = probe_shape(config, vocab_size, seq_length)
+    key = f"{kind}|{KERNEL}|" + ",".join(f"{name}={value}" for name, value in shape.items())
+    entry, kept = _verdict(key, shape, cache_file())
     if "error" in entry:
-        return "float32", (f"auto: a train step could not be timed in both precisions on this machine "
-                           f"({entry['error']}); measured once, cached in {path}")
+        return Resolved("float32", f"auto: a train step could not be timed in both precisions on this machine "
+                                    f"({entry['error']}); {kept}")
     speedup = entry["float32_s"] / entry["mixed_bfloat16_s"]
     policy = "mixed_bfloat16" if speedup >= AUTO_BFLOAT16_MIN_SPEEDUP else "float32"
-    why = (f"auto: a train step in bfloat16 ran {speedup:.2f}x float32's speed on this machine "
-           f"({kind.split(':tf')[0]}; measured once, cached in {path})")
-    return policy, why
+    why = f"auto: a train step in bfloat16 ran {speedup:.2f}x float32's speed on this machine ({kind.split(':tf')[0]}; {kept})"
+    return Resolved(policy, why, round(speedup, 3))
 
 
 if __name__ == "__main__":  # the child of _measure_in_child (its stderr is shown only on failure)
+    from charrnn.threads import configure_threads
+
+    configure_threads()
     print(json.dumps(time_train_steps(json.loads(sys.argv[1]))), flush=True)

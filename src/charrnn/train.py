@@ -150,7 +150,7 @@ def train(
     strategy = make_strategy(config.strategy)  # first: collective ops must be set up before others
     chief = is_chief(strategy)
     experiment_id = tracking.setup(experiment) if chief else None  # before any training: fail fast
-    policy, why = precision.resolve(config.precision, config, len(vocabulary), manifest["seq_length"])
+    policy, why, speedup = precision.resolve(config.precision, config, len(vocabulary), manifest["seq_length"])
     config = dataclasses.replace(config, precision=policy)
     configure_determinism(config)
     seq_length = manifest["seq_length"]
@@ -205,8 +205,9 @@ def train(
         build = cell_ops.build_target()
         mlflow.set_tags({"charrnn.precision": policy, "charrnn.precision_reason": why[:500],
                          "charrnn.lstm_kernel": kernel,
-                         "charrnn.ops_build": f"{' '.join(build['flags']) or 'generic'}; {build['compiler']}"
-                         if build else "none (TensorFlow ops)"})
+                         "charrnn.ops_build": f"{build['isa']} ({' '.join(build['flags']) or 'generic'}); "
+                                              f"{build['compiler']}" if build else "none (TensorFlow ops)",
+                         **({"charrnn.bfloat16_speedup": f"{speedup:.3f}"} if speedup else {})})
         if new_run:
             record_new_run(params, key, model, vocabulary, manifest, corpus, state["history"], policy)
         logged = {} if new_run else {k: max(tracking.logged_steps(run_id, k), default=-1) for k in CURVES}
@@ -245,7 +246,8 @@ def train(
         model_lib.save_model_dir(model, vocabulary, Path(model_dir))
         crash_point("final-model-saved")
         files.write_text(history_path, history_csv(history))
-        files.write_json(run_info_path, {"precision": policy, "lstm_kernel": kernel})
+        files.write_json(run_info_path, {"precision": policy, "lstm_kernel": kernel,
+                                         **({"bfloat16_speedup": speedup} if speedup else {})})
         mlflow.set_tag(tracking.MODEL_HASH_TAG, files.sha256_file(Path(model_dir) / model_lib.MODEL_FILE))
         mlflow.log_artifact(str(history_path))
         log_models(model, len(vocabulary), Path(model_dir), registered_model, final)

@@ -1,0 +1,83 @@
+"""What kind of machine this is, and where per-machine results are cached.
+
+The compiled LSTM ops (:mod:`charrnn.cell_ops`) and the ``train.precision: auto`` verdict
+(:mod:`charrnn.precision`) both depend on the processor and TensorFlow's version, so both are
+cached per machine kind under one folder, ``$XDG_CACHE_HOME/charrnn`` (``~/.cache/charrnn``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+try:
+    import fcntl  # Linux and macOS; elsewhere the caches are used without a lock
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+
+def machine_kind() -> str:
+    """Processor model and flags (or the GPU), and TensorFlow's version."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return f"gpu:{details.get('device_name', 'gpu')}:tf{tf.__version__}"
+    cpu = platform.processor()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
+        cpu = model + ":" + hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+    except OSError:
+        pass
+    return f"cpu:{cpu}:tf{tf.__version__}"
+
+
+def cpu_flags() -> set[str]:
+    """The processor's feature flags (``avx2``, ``avx512f``, ``amx_bf16``, ...); empty off Linux."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")), "").split())
+
+
+_cache: dict[Path, Path] = {}
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/charrnn``, else ``~/.cache/charrnn``, created. Where that folder cannot be
+    created or written, a temporary folder for this process, with one note saying so: training
+    still runs, but builds the ops and times the precision probe again every run."""
+    wanted = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "charrnn"
+    if wanted not in _cache:
+        try:
+            wanted.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=wanted).close()
+            _cache[wanted] = wanted
+        except OSError as error:
+            fallback = Path(tempfile.mkdtemp(prefix="charrnn-cache-"))
+            atexit.register(shutil.rmtree, fallback, ignore_errors=True)
+            print(f"charrnn: cannot write the cache folder {wanted} ({error.strerror or error}): the compiled "
+                  "ops and the precision verdict are made again every run; set XDG_CACHE_HOME to a writable "
+                  "folder to keep them", file=sys.stderr, flush=True)
+            _cache[wanted] = fallback
+    return _cache[wanted]
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock on ``path`` (created if missing) across processes, for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
