@@ -20,6 +20,7 @@ def main():
     parser.add_argument("--model", type=Path, required=True, help="model folder to write")
     parser.add_argument("--checkpoints", type=Path, required=True, help="resumable training state")
     parser.add_argument("--history", type=Path, required=True, help="per-epoch losses (CSV)")
+    parser.add_argument("--steps", type=Path, help="training loss every log_every_steps steps (CSV)")
     parser.add_argument("--run-info", type=Path, required=True,
                         help="what trained (JSON: precision, LSTM kernel path), a DVC metric")
     parser.add_argument("--corpus", type=Path, required=True, help="corpus.json of `vectorize` (MLflow dataset)")
@@ -32,7 +33,7 @@ def main():
         raise UserError(f"{args.corpus} not found (written by `vectorize` since this version); "
                         "rerun `dvc repro vectorize`")
     corpus = json.loads(args.corpus.read_text(encoding="utf-8"))
-    remove_leftovers(args.model, args.history, args.run_info)  # the checkpoint folder sweeps its own
+    remove_leftovers(args.model, args.history, args.run_info, *([args.steps] if args.steps else []))  # the checkpoint folder sweeps its own
     check_server()
     threads_from_env()  # a bad CHARRNN_THREADS fails before TensorFlow loads
     with importing_tensorflow():  # TensorFlow takes ~10 s to load: params and server first
@@ -41,7 +42,7 @@ def main():
     configure_threads()
     final = train(config, args.sequences, args.vocabulary, args.model, args.checkpoints, args.history,
                   mlflow_config.experiment, params, args.params, corpus, mlflow_config.registered_model,
-                  args.run_info)
+                  args.run_info, args.steps)
     if final is None:
         print("worker done (the chief writes the model and the MLflow run)")
         return

@@ -112,7 +112,8 @@ def project(tmp_path, corpus_text) -> Path:
 STAGE_OUTPUTS = {
     "vectorize": ("data/vectorized",),
     "sequences": ("data/sequences",),
-    "train": ("models", "checkpoints", "metrics/history.csv", "metrics/train.json", "mlflow.db", "mlruns"),
+    "train": ("models", "checkpoints", "metrics/history.csv", "metrics/steps.csv", "metrics/train.json", "mlflow.db",
+              "mlruns"),
     "evaluate": ("metrics/evaluate.json", "samples"),
 }
 STAGES = tuple(STAGE_OUTPUTS)

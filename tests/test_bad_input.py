@@ -54,7 +54,7 @@ def stage_argv(name: str) -> tuple[str, ...]:
 OUTPUTS = {
     "vectorize": [PATHS["vectorized"]],
     "sequences": [PATHS["sequences"]],
-    "train": [PATHS["model"], PATHS["history"], PATHS["run_info"]],
+    "train": [PATHS["model"], PATHS["history"], PATHS["steps"], PATHS["run_info"]],
     "evaluate": [PATHS["metrics"], PATHS["samples"]],
     "generate": [],
 }

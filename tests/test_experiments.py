@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 
 import mlflow
 import pytest
@@ -34,30 +37,43 @@ def test_every_experiment_carries_its_metrics_and_curves(trained_project, tmp_pa
     run(["git", "add", "dvc.lock", "metrics"], project)  # the README's baseline step
     run(["git", "commit", "-q", "-m", "baseline run"], project)
     dvc(project, "exp", "run", "-n", "narrow", "-S", "train.rnn_units=16")
-    dvc(project, "exp", "run", "--queue", "-n", "queued-a", "-S", "train.embedding_dim=4")
-    dvc(project, "exp", "run", "--queue", "-n", "queued-b", "-S", "train.embedding_dim=12")
-    dvc(project, "queue", "start", "-j", "1")
+    # A 2 x 2 sweep queued with -S lists, two workers at once, one thread each (as the README shows).
+    dvc(project, "exp", "run", "--queue", "-S", "train.embedding_dim=4,12", "-S", "train.dropout=0.0,0.1")
+    dvc(project, "queue", "start", "-j", "2", env={"CHARRNN_THREADS": "1"})
     status = wait_for_queue(project)
-    assert status.count("Success") == 2, status
+    assert status.count("Success") == 4, status
 
     shown = shown_metrics(project)
-    names = ("main", "narrow", "queued-a", "queued-b")
+    grid = sorted(name for name in shown if name not in ("main", "narrow", "workspace"))
+    assert len(grid) == 4, shown
+    names = ("main", "narrow", *grid)
     for name in names:
         assert isinstance(shown.get(name, {}).get("eval_val_loss"), float), f"{name}: {shown.get(name)}"
         # what trained it, beside its metrics: the precision and the LSTM kernel path
         assert shown[name]["precision"] == "float32" and shown[name]["lstm_kernel"], f"{name}: {shown[name]}"
-    assert len({shown[n]["eval_val_loss"] for n in names}) == len(names)  # four different models
+    assert len({shown[n]["eval_val_loss"] for n in names}) == len(names)  # six different models
+    swept = {(p["train.embedding_dim"], p["train.dropout"]) for p in grid_params(project).values()}
+    assert swept == {(4, 0.0), (4, 0.1), (12, 0.0), (12, 0.1)}, swept
+    queued_a, queued_b = grid[0], grid[-1]
 
-    diff = json.loads(dvc(project, "metrics", "diff", "narrow", "queued-b", "--json").stdout)
+    diff = json.loads(dvc(project, "metrics", "diff", "narrow", queued_b, "--json").stdout)
     loss = diff["metrics/evaluate.json"]["eval_val_loss"]
-    assert loss["old"] == shown["narrow"]["eval_val_loss"] and loss["new"] == shown["queued-b"]["eval_val_loss"]
+    assert loss["old"] == shown["narrow"]["eval_val_loss"] and loss["new"] == shown[queued_b]["eval_val_loss"]
 
-    plots = json.loads(dvc(project, "plots", "diff", "narrow", "queued-a", "--json").stdout)
+    plots = json.loads(dvc(project, "plots", "diff", "narrow", queued_a, "--json").stdout)
     assert not plots.get("errors"), plots.get("errors")
     (history,) = plots["data"]["loss history"]
     points = history["content"]["data"]["values"]
-    assert {p["rev"] for p in points} == {"narrow", "queued-a"}
+    assert {p["rev"] for p in points} == {"narrow", queued_a}
     assert {p["field"] for p in points} == {"loss", "val_loss"} and all(int(p["chars"]) > 0 for p in points)
+
+    # `dvc plots show` renders offline: no remote script, and a browser without network draws the chart.
+    dvc(project, "plots", "show", "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert not re.search(r"<script[^>]+src=", page) and "vegaEmbed" in page
+    drawn = rendered_dom(tmp_path / "plots" / "index.html")
+    canvases = re.findall(r'<canvas[^>]*class="marks"[^>]*width="(\d+)"', drawn) + re.findall(r'<svg[^>]*class="marks"', drawn)
+    assert canvases and all(int(w) > 100 for w in canvases if w.isdigit()), drawn[-2000:]
 
     assert "up to date" in dvc(project, "status").stdout  # the last experiment is in the workspace
     dvc(project, "exp", "apply", "narrow")
@@ -68,12 +84,46 @@ def test_every_experiment_carries_its_metrics_and_curves(trained_project, tmp_pa
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     experiment = mlflow.get_experiment_by_name("tests")
     runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
-    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
     by_exp = {r.data.tags.get("dvc.exp_name"): r for r in runs}
-    assert set(by_exp) == {None, "narrow", "queued-a", "queued-b"}
-    assert all(by_exp[n].info.run_name == n for n in ("narrow", "queued-a", "queued-b"))
-    assert by_exp["queued-b"].data.params["train.embedding_dim"] == "12"
-    for name in ("narrow", "queued-a"):  # the registered version leads back to its experiment
-        (version,) = mlflow.MlflowClient().search_model_versions(f"run_id = '{by_exp[name].info.run_id}'")
+    assert set(by_exp) == {None, "narrow", *grid}
+    assert all(by_exp[n].info.run_name == n for n in ("narrow", *grid))  # named as in `dvc exp show`
+    assert by_exp[queued_b].data.params["train.embedding_dim"] == "12"
+    client = mlflow.MlflowClient()
+    for name in ("narrow", queued_a):  # the registered version leads back to its experiment
+        (version,) = client.search_model_versions(f"run_id = '{by_exp[name].info.run_id}'")
         assert version.tags["dvc.exp_name"] == name and version.tags["run_name"] == name
-    assert "train.embedding_dim 8 → 12" in by_exp["queued-b"].data.tags["mlflow.note.content"]
+    assert "train.embedding_dim 8 → 12" in by_exp[queued_b].data.tags["mlflow.note.content"]
+
+    # The champion alias names the best of the six, which leads back to its experiment and generates.
+    best = min(names, key=lambda n: shown[n]["eval_val_loss"])
+    champion = client.get_model_version_by_alias("tests", "champion")
+    assert float(champion.tags["eval_val_loss"]) == pytest.approx(shown[best]["eval_val_loss"], abs=1e-6)
+    assert champion.tags.get("dvc.exp_name", "main") == best  # `dvc repro`'s run has no experiment name
+    text = run(["charrnn", "generate", "--model", "models:/tests@champion", "--prime", "the ", "--length", "40",
+                "--seed", "3"], project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}).stdout
+    assert text.startswith("the ") and len(text.strip()) >= 40, text
+
+
+def rendered_dom(page) -> str:
+    """The page's DOM after its scripts ran in headless Chromium, every host unreachable."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium to render the plots page (.ci/run installs it with apt)")
+    result = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP * ~NOTFOUND",
+                             "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def grid_params(project) -> dict[str, dict]:
+    """``dvc exp show --json``'s train params per experiment of the sweep (not main, not narrow)."""
+    out = {}
+    for entry in json.loads(dvc(project, "exp", "show", "--json").stdout):
+        for exp in entry.get("experiments") or []:
+            for rev in exp["revs"]:
+                if rev.get("name") and rev["name"] != "narrow":
+                    train = rev["data"]["params"]["params.yaml"]["data"]["train"]
+                    out[rev["name"]] = {f"train.{k}": v for k, v in train.items()}
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+import zipfile
 
 import mlflow
 import pytest
@@ -155,8 +157,14 @@ def test_pipeline_end_to_end(trained_project, tmp_path):
     assert {"model_summary.txt", "vocabulary.json", "history.csv", "samples"} <= artifacts
     summary = client.download_artifacts(run_.info.run_id, "model_summary.txt")
     assert "Total params" in open(summary).read()
-    logged = mlflow.keras.load_model(f"runs:/{run_.info.run_id}/keras_model")
-    assert logged.count_params() == int(run_.data.params["model.parameters"])
+    # The model is logged once (no second Keras-flavour copy), without optimizer state.
+    assert not any(a.path == "keras_model" for a in client.list_artifacts(run_.info.run_id))
+    logged = mlflow.pyfunc.load_model(f"runs:/{run_.info.run_id}/model").unwrap_python_model().model
+    assert logged.count_params() == int(run_.data.params["model.parameters"]) and logged.optimizer is None
+    import h5py
+    with zipfile.ZipFile(project / "models/char_rnn/model.keras") as archive, \
+            h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as weights:
+        assert "optimizer" not in weights and "layers" in weights, list(weights)
     check_registered_model(project, run_)
 
     # An evaluate that fails is evaluate's own failure: tagged as such on the run, whose training

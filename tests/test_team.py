@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -72,8 +73,10 @@ class MlflowServer:
     """`mlflow server` in its own process group: start, kill (the whole group), start again on the
     same port and database."""
 
-    def __init__(self, backend: str, artifacts: Path, log: Path, port: int | None = None):
+    def __init__(self, backend: str, artifacts: Path, log: Path, port: int | None = None,
+                 extra_args: tuple = (), env: dict | None = None):
         self.backend, self.artifacts, self.log = backend, artifacts, log
+        self.extra_args, self.env = list(extra_args), dict(env or {})
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -82,10 +85,11 @@ class MlflowServer:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         argv = [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend,
                 "--artifacts-destination", self.artifacts.as_uri(), "--host", "127.0.0.1",
-                "--port", str(self.port), "--workers", "1"]
+                "--port", str(self.port), "--workers", "1", *self.extra_args]
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+                                         env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                                              **self.env})
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -122,27 +126,91 @@ def mlflow_server(tmp_path):
 
 
 
-# ---- 1. parallel queued experiments, one shared server ----------------------------------------
+# ---- 1. parallel queued experiments, one shared server with users ------------------------------
+
+
+def readme_ini() -> str:
+    """The README's ``basic_auth.ini`` (Team setup): the test runs the server the README sets up."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return re.search(r"```ini\n(.*?)```", readme, re.S).group(1)
+
+
+@pytest.fixture
+def auth_server(tmp_path):
+    """``mlflow server --app-name basic-auth`` as the README runs it: runs and users on PostgreSQL, the
+    admin password from MLFLOW_AUTH_ADMIN_PASSWORD; yields the server with ``admin_password`` set."""
+    with postgres_database() as backend, postgres_database() as users:
+        config = tmp_path / "basic_auth.ini"
+        config.write_text(re.sub(r"(?m)^database_uri = .*$", f"database_uri = {users}", readme_ini()))
+        password = secrets.token_urlsafe(12)
+        server = MlflowServer(backend, tmp_path / "server-artifacts", tmp_path / "server.log",
+                              extra_args=("--app-name", "basic-auth"),
+                              env={"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+                                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
+        server.admin_password = password
+        try:
+            yield server.start()
+        finally:
+            server.stop()
+
 
 # -j 2: side by side. "slow-lr" also trains under `mirrored` (one CPU replica here): the strategy's loop.
 QUEUED = {"wide": ("train.rnn_units=40",), "slow-lr": ("train.learning_rate=0.005", "train.strategy=mirrored")}
 
 
-def test_parallel_queue_records_every_run_on_a_postgres_server(tmp_path, corpus_text, mlflow_server):
+def test_parallel_queue_records_every_run_on_a_postgres_server_with_users(tmp_path, corpus_text, auth_server,
+                                                                          monkeypatch):
     import mlflow
+    from mlflow.server import get_app_client
 
-    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
+    uri = auth_server.uri
+    passwords = {"alice": secrets.token_urlsafe(9), "bob": secrets.token_urlsafe(9)}
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", auth_server.admin_password)
+    admin = get_app_client("basic-auth", tracking_uri=uri)
+    for user, password in passwords.items():
+        admin.create_user(user, password)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")  # the stages below get only the credentials given them
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    assert "admin_password" not in readme_ini()  # the password comes from the environment only
+
+    alice = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": passwords["alice"]}
     project = make_project(tmp_path / "project", corpus_text, {"train": {"epochs": 1}})
-    dvc(project, "repro", env=env)
+    dvc(project, "repro", "sequences")
+    # No credentials, or a wrong password: one line naming 401 and the fix, before anything is written.
+    for env, who in (({"MLFLOW_TRACKING_URI": uri}, "a client without credentials"),
+                     ({**alice, "MLFLOW_TRACKING_PASSWORD": "wrong"}, "user 'alice' with this password")):
+        refused = run(TRAIN_ARGV, project, env=env, check=False)
+        lines = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+        assert lines[-1] == (f"error: MLflow tracking server {uri} refused {who} (401 Unauthorized); set "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of the server (its "
+                             "admin creates users: README, Team setup)"), lines[-1]
+        assert not (project / "models").exists() and not (project / "checkpoints").exists()
+
+    dvc(project, "repro", env=alice)
     run(["git", "add", "dvc.lock", "metrics"], project)
     run(["git", "commit", "-q", "-m", "baseline run"], project)
     for name, sets in QUEUED.items():
-        dvc(project, "exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)], env=env)
-    dvc(project, "queue", "start", "-j", "2", env={**env, "CHARRNN_THREADS": "1"})
+        dvc(project, "exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)], env=alice)
+    dvc(project, "queue", "start", "-j", "2", env={**alice, "CHARRNN_THREADS": "1"})
     status = wait_for_queue(project)
     assert status.count("Success") == len(QUEUED), status
 
-    mlflow.set_tracking_uri(mlflow_server.uri)
+    # bob may read alice's experiment but not write to it: 403, one line, nothing written.
+    before = {p: p.stat().st_mtime_ns for p in project.rglob("*") if p.is_file() and ".git" not in p.parts}
+    bob = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": passwords["bob"]}
+    refused = run(TRAIN_ARGV, project, env=bob, check=False)
+    last = [line for line in refused.stderr.splitlines() if line.strip()][-1]
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert last.startswith(f"error: MLflow tracking server {uri}: user 'bob' may not write to experiment 'tests' "
+                           "(403 Forbidden); ask the server's admin to grant EDIT"), last
+    after = {p: p.stat().st_mtime_ns for p in project.rglob("*") if p.is_file() and ".git" not in p.parts}
+    assert after == before
+
+    for key, value in alice.items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     experiment = mlflow.get_experiment_by_name("tests")
     runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
@@ -164,14 +232,15 @@ def test_parallel_queue_records_every_run_on_a_postgres_server(tmp_path, corpus_
         assert "samples/epoch_001.txt" in samples, (r.info.run_name, samples)
         assert r.info.run_id in versions, f"{r.info.run_name}: no registered version"
     # The artifacts went through the server into its --artifacts-destination.
-    assert list(mlflow_server.artifacts.rglob("epoch_001.txt"))
-    version = versions[by_exp["wide"].info.run_id].version
-    model = mlflow.pyfunc.load_model(f"models:/charrnn/{version}")
+    assert list(auth_server.artifacts.rglob("epoch_001.txt"))
+    model = mlflow.pyfunc.load_model("models:/charrnn@champion")
     (text,) = model.predict(["ROMEO: "], params={"length": 20, "seed": 1})
     assert text.startswith("ROMEO: ") and len(text) > len("ROMEO: ")
 
     # Nothing fell back to the default SQLite store, here or in the queue's temp copies.
     assert not list(project.rglob("mlflow.db")) and not (project / "mlruns").exists()
+    # The users live in PostgreSQL, not in a stray SQLite file beside the server.
+    assert not list(Path.cwd().glob("basic_auth.db")) and not list(tmp_path.rglob("basic_auth.db"))
 
 
 # ---- 2. a DVC remote: push, clone, pull, nothing to rerun ---------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 
-from charrnn import files, lstm_cpu, model as model_lib, sequences, tracking
+from charrnn import files, lstm_cpu, model as model_lib, registry, sequences, tracking
 from charrnn.config import EVAL_BATCH, SampleConfig
 from charrnn.generate import Generator
 from charrnn.sampling import SamplingOptions
@@ -73,9 +73,9 @@ def evaluate(model_dir: Path, sequences_dir: Path, sample: SampleConfig, experim
         step = max(tracking.logged_steps(run_id, "val_loss"), default=0)
         if step not in tracking.logged_steps(run_id, "eval_val_loss"):
             mlflow.log_metrics(metrics, step=step)
-        client = mlflow.MlflowClient()
-        for version in client.search_model_versions(f"run_id = '{run_id}'"):
-            client.set_model_version_tag(version.name, version.version, "eval_val_loss", f"{val_loss:.6f}")
+        versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+        split = registry.split_digest(sequences.shard_paths(sequences_dir, sequences.load_manifest(sequences_dir), "val"))
+        champion = [registry.record_and_crown(v.name, v.version, val_loss, split) for v in versions]
         mlflow.log_text(text, f"samples/{sample_name(sample)}.txt")
         tracking.delete_tag(run_id, tracking.EVALUATE_ERROR_TAG)
     except BaseException as err:
@@ -87,5 +87,6 @@ def evaluate(model_dir: Path, sequences_dir: Path, sample: SampleConfig, experim
     mlflow.end_run(status=status)
     print(f"eval_val_loss {val_loss:.4f} nats/char, {metrics['eval_val_bpc']:.4f} bits/char, "
           f"perplexity {metrics['eval_val_perplexity']:.2f} over {chars:,} chars -> {metrics_path}")
+    print(*champion, sep="\n")
     print(text)
     return metrics

@@ -183,9 +183,15 @@ def _normalise_keras_zip(src: Path, dst: Path) -> None:
             zout.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
 
 
-def save_keras(model: keras.Model, path: Path) -> None:
-    """Save ``model`` (optimizer included) to ``path`` atomically and byte-reproducibly."""
+def save_keras(model: keras.Model, path: Path, include_optimizer: bool = True) -> None:
+    """Save ``model`` to ``path`` atomically and byte-reproducibly; with its optimizer's state (what
+    a checkpoint needs to resume) or, ``include_optimizer=False``, only what inference needs: the
+    architecture and the weights, a third of the size with AdamW's two moments per weight."""
     path = Path(path)
+    if not include_optimizer and model.optimizer is not None:
+        inference = keras.models.clone_model(model)  # the same layers and names, never compiled
+        inference.set_weights(model.get_weights())
+        model = inference
     # Keras writes the file itself; the scratch folder is named as every temporary of the project
     # (files.TEMP_MARK), so a kill's leftover is recognised and swept.
     with files.temp_dir_beside(path) as scratch, files.atomic_path(path) as tmp:
@@ -206,9 +212,10 @@ def load_keras(path: Path, compile: bool = True) -> keras.Model:
 
 
 def save_model_dir(model: keras.Model, vocabulary: Vocabulary, out_dir: Path) -> None:
-    """The trained model as a folder: ``model.keras``, ``vocabulary.json``, ``model_summary.txt``."""
+    """The trained model as a folder: ``model.keras`` (no optimizer state), ``vocabulary.json``,
+    ``model_summary.txt``. What evaluate, generate and the logged MLflow model load."""
     with files.atomic_dir(out_dir) as tmp:
-        save_keras(model, tmp / MODEL_FILE)
+        save_keras(model, tmp / MODEL_FILE, include_optimizer=False)
         vocabulary.save(tmp / VOCABULARY_FILE)
         (tmp / SUMMARY_FILE).write_text(summary_text(model), encoding="utf-8")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow.models import ModelSignature
-from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 MODEL_DIR_ARTIFACT = "model_dir"
 DEFAULTS = {"length": 200, "temperature": 1.0, "top_k": 0, "seed": 0}
@@ -27,7 +27,9 @@ PARAM_TYPES = {"length": "long", "temperature": "double", "top_k": "long", "seed
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
-    """``predict(primes)`` -> one generated text per prime, each starting with its prime."""
+    """``predict(primes)`` -> one generated text per prime, each starting with its prime. Loaded
+    (``mlflow.pyfunc.load_model(uri).unwrap_python_model()``), ``.model`` is the Keras model
+    (ids -> logits) and ``.vocabulary`` its vocabulary."""
 
     # The explicit signature (below) validates inputs and params; MLflow's type-hint wrapper would
     # only warn that predict has no hints, at every import.
@@ -37,8 +39,8 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         from charrnn.generate import Generator
         from charrnn.model import load_model_dir
 
-        model, self.vocabulary = load_model_dir(Path(context.artifacts[MODEL_DIR_ARTIFACT]))
-        self.generator = Generator(model, self.vocabulary)
+        self.model, self.vocabulary = load_model_dir(Path(context.artifacts[MODEL_DIR_ARTIFACT]))
+        self.generator = Generator(self.model, self.vocabulary)
 
     def predict(self, context, model_input, params=None):
         from charrnn.sampling import SamplingOptions
@@ -64,14 +66,6 @@ def signature() -> ModelSignature:
         inputs=Schema([ColSpec("string")]),  # one prime per row: a list of strings, or a one-column frame
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec(name, PARAM_TYPES[name], value) for name, value in DEFAULTS.items()]),
-    )
-
-
-def keras_signature(vocab_size: int) -> ModelSignature:
-    """The Keras flavor's logits: batch and length free (-1, -1)."""
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype("int32"), (-1, -1), "ids")]),
-        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, vocab_size), "logits")]),
     )
 
 

@@ -81,6 +81,51 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+AUTH_FIX = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of the server "
+            "(its admin creates users: README, Team setup)")
+
+
+def _check_credentials(uri: str, timeout: float = 10.0) -> None:
+    """A server with authentication (``mlflow server --app-name basic-auth``) that refuses this
+    client's credentials (MLflow's variables) fails the stage in one line, before TensorFlow loads."""
+    import base64
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user:
+        token = base64.b64encode(f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code == 401:
+            who = f"user '{user}' with this password" if user else "a client without credentials"
+            raise UserError(f"MLflow tracking server {uri} refused {who} (401 Unauthorized); {AUTH_FIX}") from None
+    except (urllib.error.URLError, OSError):
+        pass  # not this check's concern: MLflow's own calls say what is wrong
+
+
+def _check_can_write(experiment_id: str, experiment_name: str) -> None:
+    """On a server with permissions, a user who may only read the experiment stops here, before
+    training: rewriting one of its tags with the same value needs the EDIT permission a run does."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    except mlflow.exceptions.MlflowException as err:
+        if "403" in str(err) or getattr(err, "error_code", "") == "PERMISSION_DENIED":
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "?")
+            raise UserError(
+                f"MLflow tracking server {tracking_uri()}: user '{user}' may not write to experiment "
+                f"'{experiment_name}' (403 Forbidden); ask the server's admin to grant EDIT on it "
+                "(README, Team setup), or set mlflow.experiment to an experiment of your own") from None
+        raise
+
+
 def _check_sqlite_file(uri: str) -> None:
     """A damaged or foreign ``mlflow.db`` is named before TensorFlow loads."""
     if not uri.startswith("sqlite:///"):
@@ -140,6 +185,7 @@ def check_server() -> None:
     """A stopped tracking server or a damaged store fails the stage in a second, before TensorFlow loads."""
     uri = tracking_uri()
     _check_reachable(uri)
+    _check_credentials(uri)
     _check_sqlite_file(uri)
 
 
@@ -179,6 +225,8 @@ def setup(experiment_name: str) -> str:
             "mlflow.experiment.primaryMetric.greaterIsBetter": "false",
         }
         client = mlflow.MlflowClient()
+        if uri.startswith(("http://", "https://")):
+            _check_can_write(experiment.experiment_id, experiment_name)
         for key, value in wanted.items():
             if experiment.tags.get(key) != value:
                 client.set_experiment_tag(experiment.experiment_id, key, value)

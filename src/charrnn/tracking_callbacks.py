@@ -18,26 +18,54 @@ from charrnn.sampling import SamplingOptions
 from charrnn.vocabulary import Vocabulary
 
 
+def optimizer_params(optimizer) -> dict:
+    """The optimizer's config as MLflow params (``optimizer_<key>``), numbers where the UI plots
+    them: a learning-rate schedule is its peak, floor and decay fraction, not the repr of its config
+    (which MLflow's own callback logs, one opaque category in the compare view)."""
+    params = {}
+    for key, value in optimizer.get_config().items():
+        if key == "learning_rate" and isinstance(value, dict):  # keras.optimizers.schedules.CosineDecay
+            schedule = value.get("config", {})
+            peak = schedule.get("warmup_target") or schedule["initial_learning_rate"]
+            decay, hold = schedule.get("decay_steps", 0), schedule.get("warmup_steps", 0)
+            params.update({"optimizer_learning_rate": peak,
+                           "optimizer_learning_rate_floor": round(peak * schedule.get("alpha", 0.0), 12),
+                           "optimizer_learning_rate_decay_fraction": round(decay / max(decay + hold, 1), 6),
+                           "optimizer_learning_rate_schedule": value.get("class_name", "?")})
+        elif isinstance(value, dict):  # a wrapped optimizer (LossScaleOptimizer): its own numbers
+            inner = optimizer_params(keras.optimizers.deserialize(value)) if "class_name" in value else {}
+            params.update({f"optimizer_{key.removesuffix('_optimizer')}_{k.removeprefix('optimizer_')}": v
+                           for k, v in inner.items()})
+        else:
+            params[f"optimizer_{key}"] = value
+    return params
+
+
 class TrainingCurves(mlflow.keras.MlflowCallback):
     """MLflow's Keras callback, logging against characters trained rather than batches.
 
     Every ``log_every_steps`` optimizer steps: ``loss`` (the mean training loss over those steps,
     not Keras' running mean since the epoch began), ``learning_rate`` and ``tokens_per_second``.
     At every epoch end: ``val_loss``, ``epoch_loss`` and ``epoch``. ``logged`` maps a metric to the
-    last step the run already holds (after a resume).
+    last step the run already holds (after a resume). ``steps`` collects the logged windows'
+    ``[chars, loss, learning_rate]`` (the checkpoint keeps them, the stage writes them for DVC plots).
     """
 
     def __init__(self, log_every_steps: int, chars_per_step: int, logged: dict[str, int] | None = None,
-                 log_model_info: bool = True):
+                 log_model_info: bool = True, steps: list | None = None):
         super().__init__(log_every_epoch=False, log_every_n_steps=log_every_steps)
         keras.callbacks.Callback.__init__(self)  # MlflowCallback skips it
         self.chars_per_step = chars_per_step
         self.logged = dict(logged or {})
         self.log_model_info = log_model_info
+        self.steps = steps if steps is not None else []  # [chars, loss, learning_rate] per window, kept
 
     def on_train_begin(self, logs=None):
         if self.log_model_info:  # optimizer params and model_summary.txt, once per run
-            super().on_train_begin(logs)
+            mlflow.log_params(optimizer_params(self.model.optimizer))
+            lines = []
+            self.model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+            mlflow.log_text("\n".join(lines), artifact_file="model_summary.txt")
 
     def on_epoch_begin(self, epoch, logs=None):
         self._window = (0, 0.0, time.perf_counter())  # (batches, summed loss, start time) of the window
@@ -53,11 +81,13 @@ class TrainingCurves(mlflow.keras.MlflowCallback):
         now = time.perf_counter()
         n = batch + 1 - seen
         self._window = (batch + 1, total, now)
-        self._log({
+        values = {
             "loss": (total - total_before) / n,
             "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
             "tokens_per_second": n * self.chars_per_step / max(now - started, 1e-9),
-        }, step * self.chars_per_step)
+        }
+        self.steps.append([step * self.chars_per_step, values["loss"], values["learning_rate"]])
+        self._log(values, step * self.chars_per_step)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}

@@ -35,6 +35,14 @@ CURVES = ("loss", "learning_rate", "tokens_per_second", "val_loss", "epoch_loss"
 HISTORY_FIELDS = ("epoch", "chars", "loss", "val_loss")
 
 
+def steps_csv(steps: list[list[float]]) -> str:
+    """The training loss every ``log_every_steps`` steps, as DVC plots it: ``chars`` (x), ``loss``,
+    ``learning_rate`` (the same points as MLflow's ``loss`` curve)."""
+    rows = {int(chars): (loss, rate) for chars, loss, rate in steps}  # a resumed epoch logs its steps again
+    return "chars,loss,learning_rate\n" + "".join(f"{chars},{loss:.6f},{rate:.6g}\n"
+                                                   for chars, (loss, rate) in sorted(rows.items()))
+
+
 def history_csv(history: list[dict]) -> str:
     """The per-epoch history as DVC plots it: ``chars`` (x), ``loss`` and ``val_loss``."""
     out = io.StringIO()
@@ -131,8 +139,10 @@ def train(
     corpus: dict | None,
     registered_model: str,
     run_info_path: Path,
+    steps_path: Path | None = None,
 ) -> dict | None:
-    """Train (or resume), save the model folder, history and run info, and log the run.
+    """Train (or resume), save the model folder, history (per epoch, and ``steps_path`` per logged
+    step) and run info, and log the run.
 
     ``params`` are every param of the run, flat (``train.rnn_units``), as logged to MLflow;
     ``corpus`` describes the corpus (``vectorize``'s ``corpus.json``). Returns the final metrics,
@@ -212,7 +222,8 @@ def train(
             record_new_run(params, key, model, vocabulary, manifest, corpus, state["history"], policy)
         logged = {} if new_run else {k: max(tracking.logged_steps(run_id, k), default=-1) for k in CURVES}
         callbacks = [
-            TrainingCurves(config.log_every_steps, chars_per_step, logged, log_model_info=new_run),
+            TrainingCurves(config.log_every_steps, chars_per_step, logged, log_model_info=new_run,
+                           steps=state.setdefault("steps", [])),
             EpochSamples(vocabulary, sample_prime(vocabulary, val_paths, seq_length)),
             EpochCheckpoint(checkpoints, state, chars_per_step),
         ]
@@ -246,6 +257,8 @@ def train(
         model_lib.save_model_dir(model, vocabulary, Path(model_dir))
         crash_point("final-model-saved")
         files.write_text(history_path, history_csv(history))
+        if steps_path is not None:
+            files.write_text(steps_path, steps_csv(state.get("steps", [])))
         files.write_json(run_info_path, {"precision": policy, "lstm_kernel": kernel,
                                          **({"bfloat16_speedup": speedup} if speedup else {})})
         mlflow.set_tag(tracking.MODEL_HASH_TAG, files.sha256_file(Path(model_dir) / model_lib.MODEL_FILE))
@@ -265,9 +278,11 @@ def train(
 
 
 def log_models(model: keras.Model, vocab_size: int, model_dir: Path, registered_name: str, final: dict) -> None:
-    """Log the Keras flavor (``keras_model``: ids -> logits) and the text generator (``model``:
-    prime -> text), and register the latter as a new version of ``registered_name``, tagged with
-    the run's validation loss and DVC experiment. A run resumed after a kill in here registers once."""
+    """Log the trained model once, as the text generator (``model``: prime -> text; its
+    ``model_dir`` artifact holds ``model.keras`` without optimizer state and ``vocabulary.json``,
+    and ``unwrap_python_model().model`` is the Keras model), and register it as a new version of
+    ``registered_name``, tagged with the run's validation loss and DVC experiment. A run resumed
+    after a kill in here registers once."""
     from charrnn import serving
 
     run = mlflow.active_run()
@@ -279,8 +294,6 @@ def log_models(model: keras.Model, vocab_size: int, model_dir: Path, registered_
         # Pinning requirements skips MLflow's slow inference (it reloads the model in a subprocess).
         requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
                         f"mlflow=={mlflow.__version__}"]
-        mlflow.keras.log_model(model, name="keras_model", signature=serving.keras_signature(vocab_size),
-                               pip_requirements=requirements[:2])
         info = serving.log_text_generator(model_dir, registered_name, requirements)
         version = info.registered_model_version
         crash_point("model-registered")
