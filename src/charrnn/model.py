@@ -188,7 +188,7 @@ def save_keras(model: keras.Model, path: Path, include_optimizer: bool = True) -
     a checkpoint needs to resume) or, ``include_optimizer=False``, only what inference needs: the
     architecture and the weights, a third of the size with AdamW's two moments per weight."""
     path = Path(path)
-    if not include_optimizer and model.optimizer is not None:
+    if not include_optimizer and getattr(model, "optimizer", None) is not None:
         inference = keras.models.clone_model(model)  # the same layers and names, never compiled
         inference.set_weights(model.get_weights())
         model = inference
