@@ -139,6 +139,7 @@ def readme_ini() -> str:
 def auth_server(tmp_path):
     """``mlflow server --app-name basic-auth`` as the README runs it: runs and users on PostgreSQL, the
     admin password from MLFLOW_AUTH_ADMIN_PASSWORD; yields the server with ``admin_password`` set."""
+    pytest.importorskip("flask_wtf", reason="MLflow's auth app is not installed (pip install -e '.[postgres]')")
     with postgres_database() as backend, postgres_database() as users:
         config = tmp_path / "basic_auth.ini"
         config.write_text(re.sub(r"(?m)^database_uri = .*$", f"database_uri = {users}", readme_ini()))
