@@ -98,6 +98,8 @@ def make_project(root: Path, corpus: str, overrides: dict | None = None) -> Path
     write_params(root, overrides or {})
     run(["git", "init", "-q", "-b", "main"], root)
     run([str(BIN / "dvc"), "init", "-q"], root)
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # the offline plots page, as the repository's
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "init"], root)
     return root

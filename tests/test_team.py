@@ -159,7 +159,7 @@ def auth_server(tmp_path):
 QUEUED = {"wide": ("train.rnn_units=40",), "slow-lr": ("train.learning_rate=0.005", "train.strategy=mirrored")}
 
 
-def test_parallel_queue_records_every_run_on_a_postgres_server_with_users(tmp_path, corpus_text, auth_server,
+def test_parallel_queue_records_every_run_on_a_postgres_server_with_users(tmp_path, trained_project, auth_server,
                                                                           monkeypatch):
     import mlflow
     from mlflow.server import get_app_client
@@ -171,15 +171,21 @@ def test_parallel_queue_records_every_run_on_a_postgres_server_with_users(tmp_pa
     admin = get_app_client("basic-auth", tracking_uri=uri)
     for user, password in passwords.items():
         admin.create_user(user, password)
-    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")  # the stages below get only the credentials given them
-    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     assert "admin_password" not in readme_ini()  # the password comes from the environment only
-
     alice = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": passwords["alice"]}
-    project = make_project(tmp_path / "project", corpus_text, {"train": {"epochs": 1}})
-    dvc(project, "repro", "sequences")
+    bob = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": passwords["bob"]}
+    for key, value in alice.items():  # this process acts as alice from here on
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("tests")  # alice's: she manages it, bob may only read it (default_permission)
+
+    project = copy_project(trained_project, tmp_path / "project", upto="sequences", overrides={"train": {"epochs": 1}})
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-q", "-m", "baseline"], project)
+    outputs = ("models", "checkpoints", "metrics", "mlflow.db", "mlruns")
+    before = {p: p.stat().st_mtime_ns for o in outputs if (project / o).exists() for p in [project / o, *(project / o).rglob("*")]}
     # No credentials, or a wrong password: one line naming 401 and the fix, before anything is written.
-    for env, who in (({"MLFLOW_TRACKING_URI": uri}, "a client without credentials"),
+    for env, who in (({"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": ""}, "a client without credentials"),
                      ({**alice, "MLFLOW_TRACKING_PASSWORD": "wrong"}, "user 'alice' with this password")):
         refused = run(TRAIN_ARGV, project, env=env, check=False)
         lines = [line for line in refused.stderr.splitlines() if line.strip()]
@@ -187,44 +193,34 @@ def test_parallel_queue_records_every_run_on_a_postgres_server_with_users(tmp_pa
         assert lines[-1] == (f"error: MLflow tracking server {uri} refused {who} (401 Unauthorized); set "
                              "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of the server (its "
                              "admin creates users: README, Team setup)"), lines[-1]
-        assert not (project / "models").exists() and not (project / "checkpoints").exists()
+    # bob may read alice's experiment but not write to it: 403, one line (checked beside the queue below).
+    bobs_try = subprocess.Popen(TRAIN_ARGV, cwd=project, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **bob})
+    _, bob_err = bobs_try.communicate(timeout=300)
+    after = {p: p.stat().st_mtime_ns for o in outputs if (project / o).exists() for p in [project / o, *(project / o).rglob("*")]}
+    assert after == before  # nothing written by the refused runs
+    last = [line for line in bob_err.splitlines() if line.strip()][-1]
+    assert bobs_try.returncode == 2 and "Traceback" not in bob_err, bob_err[-2000:]
+    assert last.startswith(f"error: MLflow tracking server {uri}: user 'bob' may not write to experiment 'tests' "
+                           "(403 Forbidden); ask the server's admin to grant EDIT"), last
 
-    dvc(project, "repro", env=alice)
-    run(["git", "add", "dvc.lock", "metrics"], project)
-    run(["git", "commit", "-q", "-m", "baseline run"], project)
+    # alice's queued experiments, two at a time, one core each.
     for name, sets in QUEUED.items():
         dvc(project, "exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)], env=alice)
     dvc(project, "queue", "start", "-j", "2", env={**alice, "CHARRNN_THREADS": "1"})
     status = wait_for_queue(project)
     assert status.count("Success") == len(QUEUED), status
 
-    # bob may read alice's experiment but not write to it: 403, one line, nothing written.
-    before = {p: p.stat().st_mtime_ns for p in project.rglob("*") if p.is_file() and ".git" not in p.parts}
-    bob = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": passwords["bob"]}
-    refused = run(TRAIN_ARGV, project, env=bob, check=False)
-    last = [line for line in refused.stderr.splitlines() if line.strip()][-1]
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
-    assert last.startswith(f"error: MLflow tracking server {uri}: user 'bob' may not write to experiment 'tests' "
-                           "(403 Forbidden); ask the server's admin to grant EDIT"), last
-    after = {p: p.stat().st_mtime_ns for p in project.rglob("*") if p.is_file() and ".git" not in p.parts}
-    assert after == before
-
-    for key, value in alice.items():
-        monkeypatch.setenv(key, value)
-    mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     experiment = mlflow.get_experiment_by_name("tests")
     runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
-    assert len(runs) == 1 + len(QUEUED) and all(r.info.status == "FINISHED" for r in runs), [
+    assert len(runs) == len(QUEUED) and all(r.info.status == "FINISHED" for r in runs), [
         (r.info.run_name, r.info.status) for r in runs]
-    assert len({r.info.run_name for r in runs}) == 1 + len(QUEUED)
     by_exp = {r.data.tags.get("dvc.exp_name"): r for r in runs}
-    assert set(by_exp) == {None, *QUEUED}
-    assert all(by_exp[name].info.run_name == name for name in QUEUED)
+    assert set(by_exp) == set(QUEUED) and all(by_exp[name].info.run_name == name for name in QUEUED)
     assert by_exp["wide"].data.params["train.rnn_units"] == "40"
     assert by_exp["slow-lr"].data.params["train.learning_rate"] == "0.005"
     assert by_exp["slow-lr"].data.params["train.strategy"] == "mirrored"
-    assert by_exp[None].data.params["train.rnn_units"] == "32"
 
     versions = {v.run_id: v for v in client.search_model_versions("name = 'charrnn'")}
     for r in runs:

@@ -189,7 +189,8 @@ def save_keras(model: keras.Model, path: Path, include_optimizer: bool = True) -
     architecture and the weights, a third of the size with AdamW's two moments per weight."""
     path = Path(path)
     if not include_optimizer and getattr(model, "optimizer", None) is not None:
-        inference = keras.models.clone_model(model)  # the same layers and names, never compiled
+        # The same layers and names, not compiled (keras.models.clone_model would compile the copy).
+        inference = type(model).from_config(model.get_config())
         inference.set_weights(model.get_weights())
         model = inference
     # Keras writes the file itself; the scratch folder is named as every temporary of the project
