@@ -18,6 +18,12 @@ from filelock import FileLock
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# Two test files run at once on two cores, each starting TensorFlow processes: one thread per pool
+# in every process (this one and every subprocess, so runs that are compared compute alike) keeps
+# them from spinning against each other. Tests of the thread count set their pools explicitly.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
 # Small enough for seconds per stage on 2 cores, big enough to learn something.
 TINY_PARAMS = {
     "data": {"source": "data/corpus/small.txt", "val_fraction": 0.1},

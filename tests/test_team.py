@@ -305,7 +305,7 @@ def test_a_server_that_goes_down_mid_training_fails_in_one_line_and_the_rerun_re
     env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"}
     # Two tries instead of the stage's five (about a minute of back-off) keep the test short.
     env.update(MLFLOW_TRACKING_URI=mlflow_server.uri, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-               MLFLOW_HTTP_REQUEST_MAX_RETRIES="2")
+               MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     proc = subprocess.Popen(TRAIN_ARGV, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 300
