@@ -97,25 +97,26 @@ def build(target: Path, flags_for: list[str] | None = None) -> None:
     errors = []
     try:
         for target_flags in ([flags_for] if flags_for is not None else [*NATIVE_TARGETS, []]):
-            if not target_flags and flags_for is None:
-                print(f"lstm_cpu: {Path(compiler).name} cannot build for this CPU ({errors[-1]}); building the "
-                      "generic (slower) ops instead: install a newer g++ or clang++, or set CXX, to get the "
-                      "build for this CPU", file=sys.stderr, flush=True)
             command = [compiler, "-shared", "-fPIC", "-O3", "-w", *target_flags, str(SOURCE), "-o", tmp, *flags]
             try:
                 result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 raise RuntimeError(f"{Path(compiler).name} did not finish in {COMPILE_TIMEOUT_S} s") from None
             if result.returncode == 0:
+                if not target_flags and flags_for is None:  # only the generic build worked: say why once
+                    print(f"lstm_cpu: {Path(compiler).name} cannot build for this CPU ({errors[0]}); built the "
+                          "generic (slower) ops instead: install a newer g++ or clang++, or set CXX, to get the "
+                          "build for this CPU", file=sys.stderr, flush=True)
                 # What the library was built for, read back by build_target() (runs record it).
                 target.with_name("build.json").write_text(json.dumps(
                     {"flags": target_flags, "compiler": _compiler_identity(compiler)}))
                 os.replace(tmp, target)
                 return
             lines = result.stderr.strip().splitlines()
-            errors.append(next((line for line in lines if "error" in line), lines[-1] if lines else "no message")
+            errors.append(next((line for line in lines if "error" in line),
+                               lines[-1] if lines else f"exit status {result.returncode}, no message")
                           .strip())
-        raise RuntimeError(f"{Path(compiler).name} failed: {errors[-1]}")
+        raise RuntimeError(f"{Path(compiler).name} failed: {errors[0]}")  # the native build's reason
     finally:
         Path(tmp).unlink(missing_ok=True)
 
