@@ -34,20 +34,13 @@ def machine_kind() -> str:
     cpu = platform.processor()
     try:
         info = Path("/proc/cpuinfo").read_text()
-        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
-        cpu = model + ":" + hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
-    except OSError:
-        pass
+    except OSError:  # not Linux: the processor's name only
+        return f"cpu:{cpu}:tf{tf.__version__}"
+    field = lambda name, default: next(  # noqa: E731
+        (line.split(":", 1)[1] for line in info.splitlines() if line.startswith(name)), default)
+    flags = " ".join(sorted(field("flags", "").split()))
+    cpu = field("model name", cpu).strip() + ":" + hashlib.sha256(flags.encode()).hexdigest()[:12]
     return f"cpu:{cpu}:tf{tf.__version__}"
-
-
-def cpu_flags() -> set[str]:
-    """The processor's feature flags (``avx2``, ``avx512f``, ``amx_bf16``, ...); empty off Linux."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")), "").split())
 
 
 _cache: dict[Path, Path] = {}

@@ -110,13 +110,14 @@ def _verdict(key: str, shape: dict, path: Path) -> tuple[dict, str]:
     parallel runs measure once and lose none of each other's entries); and where it is kept."""
     try:
         with machine.locked(path.with_name("precision.lock")):
-            entry = _read(path).get(key)
+            cache = _read(path)  # no other process writes it while the lock is held
+            entry = cache.get(key)
             if _complete(entry):
                 return entry, f"measured once, cached in {path}"
             print("train.precision: auto: timing a train step in float32 and in bfloat16 (once per machine "
                   "and shape)", flush=True)
             entry = _measure_in_child(shape)
-            files.write_json(path, {**_read(path), key: entry})
+            files.write_json(path, {**cache, key: entry})
             return entry, f"measured once, cached in {path}"
     except OSError as error:
         reason = " ".join(str(error).split())
