@@ -24,7 +24,10 @@ default) the way the train stage does: the fast CPU LSTM installed, ``train.prec
 ``CosineDecay`` over the last share of the steps), laid out over the steps the budget allows at
 the speed a short calibration run measured (its mean step time after 5 warm-up steps; the last line
 says over how many steps it was laid out and how many were trained). What can be varied: the model
-(``--rnn-units``, ``--num-layers``, ``--cell gru``, ...), ``--jit-compile`` (XLA), the schedule (``--lr-decay-fraction``;
+(``--rnn-units``, ``--num-layers``, ``--cell gru``, ...), the regularisers (``--dropout``,
+``--input-dropout``, ``--variational-dropout true``, ``--weight-decay``, ``--ema-momentum``: a number, or
+``null`` for off; with one, the final figures score the moving average, as the train stage saves it),
+``--jit-compile`` (XLA), the schedule (``--lr-decay-fraction``;
 ``--schedule time`` for the older schedule on elapsed time, with ``--warmup-seconds``), and the
 data layout: ``windows`` (the pipeline's: shuffled independent windows, zero state each)
 or ``streams`` (char-rnn's: the training text cut into ``batch-size`` contiguous streams read in
@@ -171,13 +174,18 @@ def main() -> None:
     data_defaults, defaults, sequence_defaults = load_params(known.params, "data", "train", "sequences")
     parser.add_argument("--seq-length", type=int, default=sequence_defaults.seq_length)
     for field in dataclasses.fields(TrainConfig):
-        if field.name in ("batch_size", "embedding_dim", "rnn_units", "num_layers", "cell", "dropout",
-                          "learning_rate", "lr_decay_fraction", "clipnorm", "weight_decay", "precision", "seed"):
-            kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" ")[0], float)
+        if field.name in ("batch_size", "embedding_dim", "rnn_units", "num_layers", "cell", "dropout", "input_dropout",
+                          "variational_dropout", "learning_rate", "lr_decay_fraction", "clipnorm", "weight_decay",
+                          "ema_momentum", "precision", "seed"):
+            kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes"),
+                    }.get(str(field.type).split(" ")[0], float)
+            if str(field.type).endswith("| None"):  # --ema-momentum null: off
+                kind = (lambda k: lambda v: None if v.lower() in ("null", "none") else k(v))(kind)
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=getattr(defaults, field.name))
     args = parser.parse_args()
     config = replace(defaults, batch_size=args.batch_size, embedding_dim=args.embedding_dim, rnn_units=args.rnn_units,
-                     num_layers=args.num_layers, cell=args.cell, dropout=args.dropout,
+                     num_layers=args.num_layers, cell=args.cell, dropout=args.dropout, input_dropout=args.input_dropout,
+                     variational_dropout=args.variational_dropout, ema_momentum=args.ema_momentum,
                      learning_rate=args.learning_rate, clipnorm=args.clipnorm, weight_decay=args.weight_decay,
                      precision=args.precision, seed=args.seed,
                      epochs=1_000, lr_decay_fraction=args.lr_decay_fraction, jit_compile=args.jit_compile)
@@ -222,7 +230,7 @@ def main() -> None:
             configure_determinism(config)
         model = new_model(config.batch_size if stateful else None)
         compile_model(model, learning_rate, config.clipnorm, jit_compile=args.jit_compile,
-                      weight_decay=config.weight_decay)
+                      weight_decay=config.weight_decay, ema_momentum=config.ema_momentum)
         stateless = new_model()
         compile_model(stateless, config.learning_rate)
 

@@ -20,10 +20,11 @@ def vocabulary():
     return Vocabulary.from_counts(set(TEXT))
 
 
-def _model(vocabulary, num_layers=1, precision="float32", seed=3, cell="lstm"):
+def _model(vocabulary, num_layers=1, precision="float32", seed=3, cell="lstm", dropout=0.0):
+    """``dropout`` > 0: every dropout layer params.yaml can add (input, between layers, variational)."""
     keras.utils.set_random_seed(seed)
-    return build_model(len(vocabulary), embedding_dim=8, rnn_units=24, num_layers=num_layers, dropout=0.0,
-                       precision=precision, cell=cell)
+    return build_model(len(vocabulary), embedding_dim=8, rnn_units=24, num_layers=num_layers, dropout=dropout,
+                       input_dropout=dropout, variational_dropout=dropout > 0, precision=precision, cell=cell)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_prime_longer_than_the_training_sequence(generator):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_generator_reproduces_teacher_forced_probabilities(vocabulary, num_layers, cell):
-    model = _model(vocabulary, num_layers=num_layers, cell=cell)
+    model = _model(vocabulary, num_layers=num_layers, cell=cell, dropout=0.3 if num_layers == 2 else 0.0)
     ids = vocabulary.encode(TEXT)[None, :]
     expected = keras.ops.convert_to_numpy(keras.ops.softmax(model(ids), axis=-1))[0]
     got = Generator(model, vocabulary).next_char_probabilities(TEXT)

@@ -118,6 +118,7 @@ def test_pipeline_end_to_end(trained_project, tmp_path):
     metrics = yaml.safe_load((project / "metrics/evaluate.json").read_text())
     assert metrics["eval_val_bpc"] == pytest.approx(metrics["eval_val_loss"] / 0.6931471805599453)
     assert metrics["eval_val_perplexity"] == pytest.approx(2.718281828459045 ** metrics["eval_val_loss"])
+    assert 0 < metrics["eval_val_loss_carried"] != metrics["eval_val_loss"]  # the same windows, the state carried
     assert "ROMEO: " in (project / "samples/samples.txt").read_text()
 
     # Nothing changed: nothing runs.
@@ -141,6 +142,8 @@ def test_pipeline_end_to_end(trained_project, tmp_path):
     (dataset,) = mlflow.MlflowClient().get_run(run_.info.run_id).inputs.dataset_inputs
     assert corpus["sha256"].startswith(dataset.dataset.digest) and len(dataset.dataset.digest) >= 8
     assert run_.data.params["train.rnn_units"] == "32" and run_.data.params["data.val_fraction"] == "0.1"
+    assert run_.data.metrics["eval_val_loss_carried"] == pytest.approx(metrics["eval_val_loss_carried"], abs=1e-9)
+    assert {"train.input_dropout", "train.variational_dropout", "train.ema_momentum"} <= set(run_.data.params)
     assert "git.commit" in run_.data.tags and "charrnn.model_sha256" in run_.data.tags
     client = mlflow.MlflowClient()
     chars_per_step = 16 * 32  # TINY_PARAMS: batch 16 x seq_length 32

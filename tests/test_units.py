@@ -36,6 +36,7 @@ def test_the_tutorial_preset_is_the_tutorials_model_with_its_parameter_counts():
     train, seqs = parse_section("train", raw["train"]), parse_section("sequences", raw["sequences"])
     assert (train.batch_size, seqs.seq_length, train.learning_rate) == (64, 100, 1e-3)
     assert (train.dropout, train.clipnorm, train.weight_decay, train.lr_decay_fraction) == (0, None, 0, 0)
+    assert (train.input_dropout, train.variational_dropout, train.ema_momentum) == (0, False, None)
     model = model_from_config(65, train, precision="float32")
     counts = {layer.name: layer.count_params() for layer in model.layers if layer.count_params()}
     assert counts == {"embedding": 16_640, "lstm": 5_246_976, "logits": 66_625}

@@ -63,6 +63,8 @@ class TrainConfig:
     num_layers: int = _field(POSITIVE)
     cell: str = _field(_choice("lstm", "gru"))
     dropout: float = _field(DROPOUT)
+    input_dropout: float = _field(DROPOUT)
+    variational_dropout: bool = _field()
     epochs: int = _field(POSITIVE)
     steps_per_epoch: int | None = _field(POSITIVE)
     validation_steps: int | None = _field(POSITIVE)
@@ -70,6 +72,7 @@ class TrainConfig:
     lr_decay_fraction: float = _field(_rule(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
     clipnorm: float | None = _field(POSITIVE)
     weight_decay: float = _field(NON_NEGATIVE)
+    ema_momentum: float | None = _field(_rule(lambda v: 0 < v < 1, "must be in (0, 1), or null for off"))
     precision: str = _field(_choice("auto", "float32", "mixed_bfloat16", "mixed_float16"))
     strategy: str = _field(_choice("default", "mirrored", "multi_worker"))
     shuffle_buffer: int = _field(POSITIVE)
@@ -233,7 +236,7 @@ def replace(config, **changes):
 
 PRESETS: dict[str, dict[str, typing.Any]] = {
     # TensorFlow's "Text generation with an RNN": Embedding(vocab, 256) -> LSTM(1024) -> Dense(vocab),
-    # batches of 64 x 100 characters, Adam at Keras' default rate, no dropout, clipping or decay.
+    # batches of 64 x 100 characters, Adam at Keras' default rate, no dropout, clipping, decay or average.
     # With its 65-symbol vocabulary: 5,330,241 parameters. The schedule stays the params.yaml one.
     "tutorial": {
         "sequences.seq_length": 100,
@@ -243,6 +246,9 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
         "train.num_layers": 1,
         "train.cell": "lstm",
         "train.dropout": 0.0,
+        "train.input_dropout": 0.0,
+        "train.variational_dropout": False,
+        "train.ema_momentum": None,
         "train.learning_rate": 0.001,
         "train.lr_decay_fraction": 0.0,
         "train.clipnorm": None,

@@ -139,7 +139,9 @@ def fit_distributed(model, strategy, config, train_shards, seq_length, val_ds, s
             losses.append(float(train_step(iterator)))
             bar.update(i + 1, [("loss", losses[-1])])
             callbacks.on_train_batch_end(i, {"loss": float(np.mean(losses))})
+        callbacks.on_test_begin()  # as fit's validation: SwapEMAWeights scores the moving average
         scored = [(float(val_step(x, y)), int(x.shape[0])) for x, y in val_ds]
+        callbacks.on_test_end()
         logs = {"loss": float(np.mean(losses)),
                 "val_loss": sum(l * n for l, n in scored) / sum(n for _, n in scored)}
         if verbose:

@@ -1,5 +1,9 @@
 """Stage 4: validation loss over the whole val split, and sample texts, logged to the model's run.
 
+Two losses over the same val windows: ``eval_val_loss`` reads each window from a zero state (as the
+model trains, and what runs are ranked by); ``eval_val_loss_carried`` reads them as contiguous
+streams with the state carried, as char-rnn reports it (lower: every character has its whole past).
+
 The MLflow run is found by the SHA-256 of the model file (tagged by ``train``), so running only
 ``evaluate`` again (say with a new temperature) adds its samples and metrics to the same run
 without creating a second training run, and without any run id stored in a DVC output.
@@ -12,12 +16,17 @@ import math
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import tensorflow as tf
 
 from charrnn import files, lstm_cpu, model as model_lib, registry, sequences, tracking
 from charrnn.config import EVAL_BATCH, SampleConfig
+from charrnn.errors import UserError
 from charrnn.generate import Generator
 from charrnn.sampling import SamplingOptions
 from charrnn.batches import validation_dataset
+
+CARRIED_STREAMS = 16
 
 
 def validation_loss(model, sequences_dir: Path, verbose: int = 1) -> tuple[float, int]:
@@ -30,6 +39,35 @@ def validation_loss(model, sequences_dir: Path, verbose: int = 1) -> tuple[float
     windows = manifest["splits"]["val"]["windows"]
     loss = model.evaluate(validation_dataset(paths, seq_length, EVAL_BATCH, windows), verbose=verbose)
     return float(loss), windows * seq_length
+
+
+def carried_state_loss(model, sequences_dir: Path, streams: int = CARRIED_STREAMS) -> tuple[float, int]:
+    """Mean cross-entropy in nats/char over the val split read as ``streams`` contiguous streams with
+    the recurrent state carried from window to window (as char-rnn measures it): each character is
+    predicted from all the text before it in its stream, not only from the start of its window.
+    The same windows as ``validation_loss`` (the last ``windows mod streams`` left out); returns the
+    loss and the number of chars scored."""
+    manifest = sequences.load_manifest(sequences_dir)
+    paths = sequences.shard_paths(sequences_dir, manifest, "val")
+    windows = np.concatenate([w.numpy() for w in sequences.windows_dataset(paths, manifest["seq_length"]).batch(4096)])
+    per_stream = len(windows) // streams
+    if per_stream == 0:
+        raise UserError(f"the val split has {len(windows)} windows, fewer than the {streams} streams the "
+                        "carried-state loss reads; use a longer corpus or a larger data.val_fraction")
+    # Stream s reads windows [s * per_stream, (s + 1) * per_stream) in order: consecutive windows
+    # continue the text (charrnn.sequences: window k covers ids[kL : kL + L + 1]).
+    rows = windows[: streams * per_stream].reshape(streams, per_stream, -1)
+    twin = model_lib.stateful_copy(model, streams)
+
+    @tf.function
+    def summed_loss(x, y):
+        logits = tf.cast(twin(x, training=False), tf.float32)
+        return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+
+    total = sum(float(summed_loss(tf.constant(rows[:, t, :-1], tf.int32), tf.constant(rows[:, t, 1:], tf.int32)))
+                for t in range(per_stream))
+    chars = rows.shape[0] * rows.shape[1] * (rows.shape[2] - 1)
+    return total / chars, chars
 
 
 def sample_name(sample: SampleConfig) -> str:
@@ -62,8 +100,9 @@ def evaluate(model_dir: Path, sequences_dir: Path, sample: SampleConfig, experim
         mlflow.set_tags({**tracking.source_tags(), tracking.MODEL_HASH_TAG: model_hash})
     try:
         val_loss, chars = validation_loss(model, sequences_dir)
+        carried, _ = carried_state_loss(model, sequences_dir)
         metrics = {"eval_val_loss": val_loss, "eval_val_bpc": val_loss / math.log(2),
-                   "eval_val_perplexity": math.exp(val_loss)}
+                   "eval_val_perplexity": math.exp(val_loss), "eval_val_loss_carried": carried}
         texts = Generator(model, vocabulary).generate(sample.prime, options)
         text = format_samples(sample, texts)
         files.write_json(metrics_path, metrics)
@@ -86,7 +125,8 @@ def evaluate(model_dir: Path, sequences_dir: Path, sample: SampleConfig, experim
         raise
     mlflow.end_run(status=status)
     print(f"eval_val_loss {val_loss:.4f} nats/char, {metrics['eval_val_bpc']:.4f} bits/char, "
-          f"perplexity {metrics['eval_val_perplexity']:.2f} over {chars:,} chars -> {metrics_path}")
+          f"perplexity {metrics['eval_val_perplexity']:.2f} over {chars:,} chars; with the state carried "
+          f"({CARRIED_STREAMS} streams) {carried:.4f} nats/char -> {metrics_path}")
     print(*champion, sep="\n")
     print(text)
     return metrics

@@ -34,8 +34,10 @@ class Generator:
         # Variables, not captured tensors: ``refresh`` loads new weights without retracing.
         self._w = {name: [tf.Variable(t, trainable=False) for t in tensors]
                    for name, tensors in self._weights(model).items()}
-        self._prime_fn = tf.function(self._prime, reduce_retracing=True)
-        self._sample_fn = tf.function(self._sample, reduce_retracing=True)
+        # Explicit loops and conditions, no AutoGraph: converting this code took a second or two of
+        # every process that generates (each training's per-epoch samples, evaluate, generate).
+        self._prime_fn = tf.function(self._prime, reduce_retracing=True, autograph=False)
+        self._sample_fn = tf.function(self._sample, reduce_retracing=True, autograph=False)
 
     def refresh(self, model: keras.Model) -> None:
         """Generate from ``model``'s current weights (the same architecture), e.g. after an epoch."""
@@ -90,28 +92,37 @@ class Generator:
     def _prime(self, prime_ids, states):
         """Consume the prime [K, P] in one call; return the logits after its last character."""
         logits = tf.zeros([tf.shape(prime_ids)[0], len(self.vocabulary)], tf.float32)
-        for t in tf.range(tf.shape(prime_ids)[1]):
+
+        def step(t, logits, states):
             logits, states = self._step(prime_ids[:, t], states)
+            return t + 1, logits, states
+
+        _, logits, states = tf.while_loop(lambda t, *_: t < tf.shape(prime_ids)[1], step, (0, logits, states))
         return logits, states
 
     def _sample(self, logits, states, length, temperature, top_k, seed, offset):
         """Sample ``length`` ids per stream; position p uses the stateless seed (seed, offset + p)."""
-        out = tf.TensorArray(tf.int32, size=length)
-        for p in tf.range(length):
+
+        def step(p, out, logits, states):
             ids = self._choose(logits, temperature, top_k, tf.stack([seed, offset + tf.cast(p, tf.int64)]))
-            out = out.write(p, ids)
             logits, states = self._step(ids, states)
+            return p + 1, out.write(p, ids), logits, states
+
+        _, out, logits, states = tf.while_loop(lambda p, *_: p < length, step,
+                                               (0, tf.TensorArray(tf.int32, size=length), logits, states))
         return tf.transpose(out.stack()), logits, states
 
     @staticmethod
     def _choose(logits, temperature, top_k, seed):
-        if top_k > 0:
+        def kept_top_k():
             kth = tf.math.top_k(logits, k=top_k).values[:, -1:]
-            logits = tf.where(logits < kth, tf.constant(-np.inf, logits.dtype), logits)
-        if temperature == 0.0:
-            return tf.argmax(logits, axis=-1, output_type=tf.int32)
-        return tf.cast(
-            tf.random.stateless_categorical(logits / temperature, 1, seed=seed)[:, 0], tf.int32
+            return tf.where(logits < kth, tf.constant(-np.inf, logits.dtype), logits)
+
+        logits = tf.cond(top_k > 0, kept_top_k, lambda: logits)
+        return tf.cond(
+            tf.equal(temperature, 0.0),
+            lambda: tf.argmax(logits, axis=-1, output_type=tf.int32),
+            lambda: tf.cast(tf.random.stateless_categorical(logits / temperature, 1, seed=seed)[:, 0], tf.int32),
         )
 
     # ---- public API ------------------------------------------------------------------------

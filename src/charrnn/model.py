@@ -34,12 +34,21 @@ def build_model(
     num_layers: int,
     dropout: float,
     cell: str,
+    input_dropout: float = 0.0,
+    variational_dropout: bool = False,
     precision: str = "float32",
     stateful_batch: int | None = None,
 ) -> keras.Model:
     """The tutorial's architecture, generalised to ``num_layers`` LSTMs (or GRUs, ``cell="gru"``,
     as the tutorial's current version uses) with dropout between. The sizes are params.yaml's
-    ``train`` keys (``model_from_config``); there are no defaults here.
+    ``train`` keys (``model_from_config``); there are no defaults here but "off" for the optional
+    regularisers.
+
+    ``input_dropout`` drops units of the character embeddings before the first recurrent layer;
+    ``variational_dropout`` draws every dropout mask once per sequence and keeps it at every step
+    (Gal & Ghahramani's variational dropout, AWD-LSTM's "locked" dropout) instead of anew per
+    character. Both are ``keras.layers.Dropout`` (a ``noise_shape`` of 1 along time), inert at
+    inference: the generator and the compiled LSTM see the same layers either way.
 
     The recurrent layers keep Keras' cuDNN-compatible defaults (tanh/sigmoid, no recurrent
     dropout, no unroll, bias on; for the GRU ``reset_after=True``), so on a GPU they run the fused
@@ -52,6 +61,12 @@ def build_model(
     policy = keras.mixed_precision.DTypePolicy(precision)
     ids = keras.Input(batch_shape=(stateful_batch, None), dtype="int32", name="ids")
     x = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding", dtype=policy)(ids)
+
+    def dropped(x, rate, name):
+        noise_shape = (None, 1, x.shape[-1]) if variational_dropout else None
+        return keras.layers.Dropout(rate, noise_shape=noise_shape, name=name, dtype=policy)(x) if rate > 0 else x
+
+    x = dropped(x, input_dropout, "input_dropout")
     for i in range(num_layers):
         x = RNN_CELLS[cell](
             rnn_units,
@@ -61,8 +76,7 @@ def build_model(
             name=f"{cell}_{i}" if num_layers > 1 else cell,
             dtype=policy,
         )(x)
-        if dropout > 0:
-            x = keras.layers.Dropout(dropout, name=f"dropout_{i}", dtype=policy)(x)
+        x = dropped(x, dropout, f"dropout_{i}")
     # Logits stay float32 under mixed precision so the softmax cross-entropy is computed stably.
     logits = keras.layers.Dense(vocab_size, name="logits", dtype="float32")(x)
     return keras.Model(ids, logits, name="char_rnn")
@@ -73,7 +87,24 @@ def model_from_config(vocab_size: int, config, precision: str | None = None,
     """``build_model`` with the architecture of a ``TrainConfig`` (``precision`` overrides its own)."""
     return build_model(vocab_size, embedding_dim=config.embedding_dim, rnn_units=config.rnn_units,
                        num_layers=config.num_layers, dropout=config.dropout, cell=config.cell,
+                       input_dropout=config.input_dropout, variational_dropout=config.variational_dropout,
                        precision=precision or config.precision, stateful_batch=stateful_batch)
+
+
+def stateful_copy(model: keras.Model, batch_size: int) -> keras.Model:
+    """``model``'s layers rebuilt stateful for a fixed ``batch_size`` (each call continues from the
+    state the last one left; ``reset_states`` zeroes it), with its weights. Built from the model's
+    own config, so any trained model folder (LSTM or GRU, any depth) gets one without its params."""
+    config = model.get_config()
+    for layer in config["layers"]:
+        layer.pop("build_config", None)  # shapes with the old batch; the functional call builds each layer
+        if layer["class_name"] == "InputLayer":
+            layer["config"]["batch_shape"] = [batch_size, *layer["config"]["batch_shape"][1:]]
+        elif layer["class_name"] in ("LSTM", "GRU"):
+            layer["config"]["stateful"] = True
+    twin = type(model).from_config(config)
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def lstm_cell(z, c):
@@ -118,21 +149,27 @@ def learning_rate_schedule(learning_rate: float, total_steps: int, decay_fractio
 
 
 def compile_model(model: keras.Model, learning_rate, clipnorm: float | None = None,
-                  jit_compile: bool = False, weight_decay: float = 0.0) -> None:
+                  jit_compile: bool = False, weight_decay: float = 0.0, ema_momentum: float | None = None) -> None:
     """Adam on the sparse cross-entropy of the logits; ``learning_rate`` is a float or a schedule.
 
     ``weight_decay`` > 0 makes it AdamW: every weight (Keras' default: biases and embeddings too, so
     the optimizer saves and reloads as it is) shrinks by ``learning_rate * weight_decay`` of itself
     per step, apart from the gradient step.
 
+    ``ema_momentum`` (None = off) keeps an exponential moving average of the weights in the optimizer
+    (Keras' ``use_ema``; saved with it, so a resumed run continues the average), and ``fit`` ends
+    by putting the average into the model: the saved model is the average (``finalize_ema``).
+
     Under ``mixed_float16`` the optimizer is a ``LossScaleOptimizer``: small float16 gradients would
     underflow to zero. Keras wraps it only when the *global* policy is mixed_float16; ours is set
     per layer (``build_model``), so it is wrapped here. bfloat16 has float32's range: no scaling.
     """
+    ema = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum else {}
     if weight_decay > 0:
-        optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm)
+        optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm,
+                                           **ema)
     else:
-        optimizer = keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=clipnorm)
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate, clipnorm=clipnorm, **ema)
     if any(layer.dtype_policy.name == "mixed_float16" for layer in model.layers):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
@@ -140,6 +177,15 @@ def compile_model(model: keras.Model, learning_rate, clipnorm: float | None = No
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit_compile,
     )
+
+
+def finalize_ema(model: keras.Model) -> None:
+    """Put the optimizer's moving average of the weights into ``model`` (a no-op without one).
+    ``fit`` does this when it returns; a run resumed after its last epoch never calls ``fit``, and the
+    multi-worker loop is not ``fit``: both come here. Idempotent (the average is assigned, not mixed)."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "use_ema", False) and optimizer.built:
+        optimizer.finalize_variable_values(model.trainable_variables)
 
 
 def summary_text(model: keras.Model) -> str:

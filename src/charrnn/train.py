@@ -186,7 +186,8 @@ def train(
             lstm_cpu.install_model(model)  # before compile: the fast CPU LSTM (a no-op with a GPU)
             schedule = model_lib.learning_rate_schedule(config.learning_rate, config.epochs * steps,
                                                         config.lr_decay_fraction)
-            model_lib.compile_model(model, schedule, config.clipnorm, weight_decay=config.weight_decay)
+            model_lib.compile_model(model, schedule, config.clipnorm, weight_decay=config.weight_decay,
+                                    ema_momentum=config.ema_momentum)
         if config.jit_compile and config.strategy == "default":
             # Recompiling keeps the optimizer (and its restored state); only the train step changes.
             model.compile(optimizer=model.optimizer, loss=model.loss, jit_compile=True)
@@ -227,6 +228,8 @@ def train(
             EpochSamples(vocabulary, sample_prime(vocabulary, val_paths, seq_length)),
             EpochCheckpoint(checkpoints, state, chars_per_step),
         ]
+        if config.ema_momentum:  # val_loss of the moving average: the weights the model is saved with
+            callbacks.append(keras.callbacks.SwapEMAWeights())
         if initial_epoch < config.epochs:
             try:
                 if config.strategy != "default":  # the replicas' gradients summed before the clip
@@ -250,6 +253,7 @@ def train(
                     f"a TFRecord shard in {sequences_dir} is corrupt ({cause[:160]}); "
                     "rerun `dvc repro --force sequences`"
                 ) from None
+        model_lib.finalize_ema(model)  # the saved model is the weights' moving average, where kept
         history = state["history"]
         final = {"loss": history[-1]["loss"], "val_loss": history[-1]["val_loss"]}
         final["val_bpc"] = final["val_loss"] / math.log(2)
