@@ -122,3 +122,6 @@ def test_the_carried_state_loss_reads_each_stream_as_one_sequence(tmp_path, cell
     assert carried == pytest.approx(expected, abs=2e-5)
     window_loss, _ = validation_loss(model, tmp_path / "seq", verbose=0)
     assert abs(window_loss - carried) > 1e-3  # what carrying the state changes, well above the tolerance
+    # More streams than windows (a small corpus): one window per stream, nothing carried, nothing left out.
+    one_each, chars_each = carried_state_loss(model, tmp_path / "seq", streams=10_000)
+    assert chars_each == len(windows) * 10 and one_each == pytest.approx(window_loss, abs=2e-5)

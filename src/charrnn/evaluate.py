@@ -21,7 +21,6 @@ import tensorflow as tf
 
 from charrnn import files, lstm_cpu, model as model_lib, registry, sequences, tracking
 from charrnn.config import EVAL_BATCH, SampleConfig
-from charrnn.errors import UserError
 from charrnn.generate import Generator
 from charrnn.sampling import SamplingOptions
 from charrnn.batches import validation_dataset
@@ -45,15 +44,14 @@ def carried_state_loss(model, sequences_dir: Path, streams: int = CARRIED_STREAM
     """Mean cross-entropy in nats/char over the val split read as ``streams`` contiguous streams with
     the recurrent state carried from window to window (as char-rnn measures it): each character is
     predicted from all the text before it in its stream, not only from the start of its window.
-    The same windows as ``validation_loss`` (the last ``windows mod streams`` left out); returns the
-    loss and the number of chars scored."""
+    The same windows as ``validation_loss`` (the last ``windows mod streams`` left out; a val split of
+    fewer windows than ``streams`` is read as one stream per window); returns the loss and the number
+    of chars scored."""
     manifest = sequences.load_manifest(sequences_dir)
     paths = sequences.shard_paths(sequences_dir, manifest, "val")
     windows = np.concatenate([w.numpy() for w in sequences.windows_dataset(paths, manifest["seq_length"]).batch(4096)])
+    streams = min(streams, len(windows))
     per_stream = len(windows) // streams
-    if per_stream == 0:
-        raise UserError(f"the val split has {len(windows)} windows, fewer than the {streams} streams the "
-                        "carried-state loss reads; use a longer corpus or a larger data.val_fraction")
     # Stream s reads windows [s * per_stream, (s + 1) * per_stream) in order: consecutive windows
     # continue the text (charrnn.sequences: window k covers ids[kL : kL + L + 1]).
     rows = windows[: streams * per_stream].reshape(streams, per_stream, -1)
