@@ -50,7 +50,7 @@ import tensorflow as tf
 
 from charrnn import lstm_cpu, precision, sequences
 from charrnn.config import TrainConfig, load_params, replace
-from charrnn.model import compile_model, learning_rate_schedule, model_from_config
+from charrnn.model import compile_model, learning_rate_schedule, model_from_config, stateful_copy
 from charrnn.batches import training_dataset, validation_dataset
 from charrnn.train import configure_determinism
 from charrnn.vectorize import load_ids, vectorize
@@ -138,11 +138,9 @@ def stream_batches(ids: np.ndarray, batch_size: int, seq_length: int) -> tf.data
     return tf.data.Dataset.range(1 << 62).flat_map(one_pass).prefetch(tf.data.AUTOTUNE)
 
 
-def stream_loss(model: keras.Model, ids: np.ndarray, config, seq_length: int) -> float:
+def stream_loss(model: keras.Model, ids: np.ndarray, seq_length: int) -> float:
     """Mean loss over ``ids`` read as STREAM_EVAL contiguous streams with the state carried."""
-    twin = model_from_config(model.get_layer("logits").units, replace(config, dropout=0.0),
-                             stateful_batch=STREAM_EVAL)
-    twin.set_weights(model.get_weights())
+    twin = stateful_copy(model, STREAM_EVAL)
     ids = np.asarray(ids, dtype=np.int32)
     per_stream = (len(ids) - 1) // STREAM_EVAL
     rows = np.stack([ids[i * per_stream: (i + 1) * per_stream + 1] for i in range(STREAM_EVAL)])
@@ -252,7 +250,7 @@ def main() -> None:
         model.fit(data, epochs=1, steps_per_epoch=10**9, callbacks=[budget], verbose=0)
         wall = time.perf_counter() - start
         final = float(scorer(model).evaluate(val_ds, verbose=0))
-        final_stream = stream_loss(model, val_ids, config, args.seq_length)
+        final_stream = stream_loss(model, val_ids, args.seq_length)
         final_float32 = None
         if config.precision != "float32":
             reader = new_model(precision="float32")

@@ -93,7 +93,7 @@ def model_from_config(vocab_size: int, config, precision: str | None = None,
 
 def stateful_copy(model: keras.Model, batch_size: int) -> keras.Model:
     """``model``'s layers rebuilt stateful for a fixed ``batch_size`` (each call continues from the
-    state the last one left; ``reset_states`` zeroes it), with its weights. Built from the model's
+    state the last one left, from zeros at first), with its weights. Built from the model's
     own config, so any trained model folder (LSTM or GRU, any depth) gets one without its params."""
     config = model.get_config()
     for layer in config["layers"]:
