@@ -11,7 +11,7 @@ import subprocess
 import mlflow
 import pytest
 
-from conftest import copy_project, dvc, run, wait_for_queue
+from conftest import copy_project, dvc, missing_prerequisite, run, wait_for_queue
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +28,6 @@ def shown_metrics(project) -> dict[str, dict]:
             evaluate, run_info = metrics.get("metrics/evaluate.json", {}), metrics.get("metrics/train.json", {})
             out[name] = {**(evaluate.get("data") or {"error": evaluate.get("error")}), **(run_info.get("data") or {})}
     return out
-
-
 
 
 def test_every_experiment_carries_its_metrics_and_curves(trained_project, tmp_path):
@@ -73,14 +71,6 @@ def test_every_experiment_carries_its_metrics_and_curves(trained_project, tmp_pa
     assert sum(p["filename::field"] == "steps.csv::loss" for p in per_run) > sum(
         p["filename::field"] == "history.csv::val_loss" for p in per_run)
 
-    # `dvc plots show` renders offline: no remote script, and a browser without network draws the chart.
-    dvc(project, "plots", "show", "-o", str(tmp_path / "plots"))
-    page = (tmp_path / "plots" / "index.html").read_text()
-    assert not re.search(r"<script[^>]+src=", page) and "vegaEmbed" in page
-    drawn = rendered_dom(tmp_path / "plots" / "index.html")
-    marks = [tag for tag in re.findall(r"<(?:canvas|svg)[^>]*>", drawn) if 'class="marks"' in tag]
-    assert marks and all(int(re.search(r'width="(\d+)', tag).group(1)) > 100 for tag in marks), drawn[-2000:]
-
     assert "up to date" in dvc(project, "status").stdout  # the last experiment is in the workspace
     dvc(project, "exp", "apply", queued_a)
     assert json.loads((project / "metrics/evaluate.json").read_text())["eval_val_loss"] == shown[queued_a]["eval_val_loss"]
@@ -111,11 +101,23 @@ def test_every_experiment_carries_its_metrics_and_curves(trained_project, tmp_pa
     assert text.startswith("the ") and len(text) == 44, text
 
 
+def test_the_plots_page_renders_offline(trained_project, tmp_path):
+    """`dvc plots show` writes a page with no remote script, and a browser without network draws the
+    charts from it."""
+    project = copy_project(trained_project, tmp_path / "project")
+    dvc(project, "plots", "show", "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert not re.search(r"<script[^>]+src=", page) and "vegaEmbed" in page
+    drawn = rendered_dom(tmp_path / "plots" / "index.html")
+    marks = [tag for tag in re.findall(r"<(?:canvas|svg)[^>]*>", drawn) if 'class="marks"' in tag]
+    assert marks and all(int(re.search(r'width="(\d+)', tag).group(1)) > 100 for tag in marks), drawn[-2000:]
+
+
 def rendered_dom(page) -> str:
     """The page's DOM after its scripts ran in headless Chromium, every host unreachable."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
-        pytest.skip("no Chromium to render the plots page (.ci/run installs it with apt)")
+        missing_prerequisite("no Chromium to render the plots page (.ci/run installs it with apt)")
     result = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP * ~NOTFOUND",
                              "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
                             capture_output=True, text=True, timeout=120)

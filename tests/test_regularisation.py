@@ -34,16 +34,37 @@ def batches():
 
 @pytest.mark.parametrize("variational", [True, False])
 def test_dropout_masks_are_drawn_once_per_sequence_when_variational(variational):
+    keras.utils.set_random_seed(11)  # the masks below are the same on every run
     model, _ = small(input_dropout=0.5, dropout=0.5, variational_dropout=variational)
     for name, width in (("input_dropout", 8), ("dropout_0", 16)):
-        dropped = model.get_layer(name)(tf.ones((3, 9, width)), training=True).numpy()
-        same_along_time = all(np.array_equal(dropped[:, t], dropped[:, 0]) for t in range(9))
+        dropped = model.get_layer(name)(tf.ones((6, 9, width)), training=True).numpy()
+        kept = dropped != 0
+        same_along_time = all(np.array_equal(kept[:, t], kept[:, 0]) for t in range(9))
         assert same_along_time == variational, name
-        assert 0.3 < (dropped == 0).mean() < 0.7  # the rate, not all or nothing
+        # One mask per sequence, not one for the whole batch: the rows' masks differ.
+        assert len({row.tobytes() for row in kept[:, 0]}) > 1, name
+        assert 0 < kept.mean() < 1  # some dropped, some kept
     # The dropout is its own layer: the LSTM keeps the compiled kernel, and inference is deterministic.
     assert "Keras' own" not in lstm_cpu.kernel_path(model, 4)
     x = IDS[:2, :-1]
     np.testing.assert_array_equal(model(x, training=False), model(x, training=False))
+
+
+@pytest.mark.slow
+def test_the_train_stage_validates_the_moving_average_it_saves(trained_project, tmp_path):
+    """With ema_momentum, each epoch's val_loss scores the weights' moving average: the last epoch's
+    equals the loss of the saved model (the average) on the same val batches, to float round-off."""
+    from charrnn.evaluate import validation_loss
+    from charrnn.model import load_model_dir
+    from conftest import copy_project, dvc
+
+    project = copy_project(trained_project, tmp_path / "ema", upto="sequences",
+                           overrides={"train": {"ema_momentum": 0.9, "validation_steps": None}})
+    dvc(project, "repro", "train")
+    last = (project / "metrics/history.csv").read_text().splitlines()[-1].split(",")
+    model, _ = load_model_dir(project / "models/char_rnn")
+    saved_loss, _ = validation_loss(model, project / "data/sequences", verbose=0)
+    assert float(last[3]) == pytest.approx(saved_loss, abs=2e-6)
 
 
 def test_the_moving_average_is_what_training_leaves_saves_and_resumes(tmp_path):

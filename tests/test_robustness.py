@@ -95,6 +95,10 @@ KILLS = {
     "crash-after-final-model-logged": dict(
         crash="final-model-logged",
         leaves=dict(epoch=4, files={"state.json", "epoch-0004.keras"}, model=True, history=True, versions=[True])),
+    "crash-after-run-ended": dict(
+        crash="run-ended",
+        leaves=dict(epoch=4, files={"state.json", "epoch-0004.keras"}, model=True, history=True, versions=[True],
+                    status="FINISHED")),
     "sigterm-mid-epoch": dict(signal=signal.SIGTERM, epoch=1, delay=1.0),
     "sigint-mid-epoch": dict(signal=signal.SIGINT, epoch=2, delay=0.5),
 }
@@ -211,8 +215,8 @@ def test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(k
         assert first.stderr.strip().splitlines()[-1].startswith("error: interrupted by SIG")
         assert "Traceback" not in first.stderr
         assert stuck.info.status == "KILLED" and "SIG" in stuck.data.tags["charrnn.error"]
-    else:
-        assert stuck.info.status == "RUNNING"  # kill -9 gives MLflow no chance to close it
+    else:  # kill -9 gives MLflow no chance to close a run it kills
+        assert stuck.info.status == how.get("leaves", {}).get("status", "RUNNING")
 
     resumed = outcome.resumed
     assert f"resuming from epoch {state['epoch']}" in resumed.stdout + resumed.stderr
@@ -302,3 +306,45 @@ def test_a_failing_stage_marks_its_run_failed(trained_base):
     (failed,) = _runs(project)
     assert failed.info.status == "FAILED" and "corrupt" in failed.data.tags["charrnn.error"]
     assert not (project / "models/char_rnn").exists()
+
+
+def _repro_killed_at(trained_base, name: str, crash: str):
+    """A copy of the base whose `dvc repro` was killed at ``crash`` in train, then `dvc repro` again."""
+    root, base = trained_base
+    project = root / name
+    shutil.copytree(base, project)
+    killed = dvc(project, "repro", env={**SYSTEM_METRICS_EVERY_SECOND, "CHARRNN_CRASH_AT": crash}, check=False)
+    assert killed.returncode != 0, killed.stdout[-2000:]
+    runs_after_kill = _runs(project)
+    rerun = dvc(project, "repro", env=SYSTEM_METRICS_EVERY_SECOND)
+    assert dvc(project, "status").stdout.strip() == "Data and pipelines are up to date."
+    return project, runs_after_kill, rerun
+
+
+def _one_version_per_run_and_none_running(project) -> list:
+    runs = _runs(project)
+    assert runs and all(r.info.status == "FINISHED" for r in runs), [(r.info.run_id, r.info.status) for r in runs]
+    for r in runs:
+        (version,) = _versions(project, r.info.run_id)
+        assert VERSION_TAGS <= set(version.tags)
+    return runs
+
+
+def test_a_repro_killed_mid_training_resumes_into_one_run_and_one_version(trained_base):
+    project, after_kill, rerun = _repro_killed_at(trained_base, "repro-mid", "checkpoint-state-written@2")
+    assert [r.info.status for r in after_kill] == ["RUNNING"]
+    assert "resuming from epoch 2" in rerun.stdout + rerun.stderr
+    (finished,) = _one_version_per_run_and_none_running(project)
+    assert finished.info.run_id == after_kill[0].info.run_id
+    assert len((project / "metrics/history.csv").read_text().splitlines()) == 5  # header + 4 epochs
+
+
+def test_a_repro_killed_after_the_checkpoint_is_cleared_leaves_a_finished_run_and_retrains(trained_base):
+    """The last instant of the stage: the run has ended and the checkpoint is idle, but DVC saw the
+    stage fail, so the rerun trains again: a second run with its own version, none left RUNNING."""
+    project, after_kill, rerun = _repro_killed_at(trained_base, "repro-cleared", "checkpoint-cleared")
+    (first,) = after_kill
+    assert first.info.status == "FINISHED"
+    assert "resuming" not in rerun.stdout + rerun.stderr
+    runs = _one_version_per_run_and_none_running(project)
+    assert len(runs) == 2 and first.info.run_id in {r.info.run_id for r in runs}

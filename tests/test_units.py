@@ -279,24 +279,38 @@ def test_precision_auto_that_cannot_time_bfloat16_trains_float32_and_says_why(tm
 
 
 def test_parallel_runs_time_the_precision_probe_once_per_shape_and_keep_every_verdict(tmp_path):
-    """Three runs at once, two of one shape: two measurements, both verdicts kept in the cache."""
+    """Three runs released together by a barrier, two of one shape: two measurements, each under the
+    cache's lock (another open of the lock file cannot take it meanwhile), both verdicts kept."""
     script = textwrap.dedent("""
-        import sys, time
+        import fcntl, os, sys, time
+        from pathlib import Path
         from charrnn import precision
         from tests.conftest import defaults
         def measure(shape):
             with open(sys.argv[2], "a") as log:
                 log.write(shape["cell"] + "\\n")
-            time.sleep(1.5)  # long enough for the others to ask meanwhile
+            lock = Path(os.environ["XDG_CACHE_HOME"], "charrnn", "precision.lock")
+            with open(lock, "a") as other:  # a second open file: flock refuses it while the cache is locked
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    sys.exit("measured without holding the precision cache's lock")
+                except BlockingIOError:
+                    pass
             return {"float32_s": 1.0, "mixed_bfloat16_s": 0.5}
         precision._measure_in_child = measure
         config = defaults("train", batch_size=4, embedding_dim=8, rnn_units=16, cell=sys.argv[1], precision="auto")
+        barrier = Path(sys.argv[3])
+        (barrier / str(os.getpid())).touch()
+        while len(list(barrier.iterdir())) < 3:  # all three ask at once
+            time.sleep(0.005)
         print(precision.resolve("auto", config, 11, 12).policy)
     """)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    log = tmp_path / "measured.txt"
-    procs = [subprocess.Popen([sys.executable, "-c", script, cell, str(log)], cwd=REPO, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for cell in ("lstm", "lstm", "gru")]
+    log, barrier = tmp_path / "measured.txt", tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", script, cell, str(log), str(barrier)], cwd=REPO, env=env,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for cell in ("lstm", "lstm", "gru")]
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0 and out.split()[-1] == "mixed_bfloat16", err[-2000:]

@@ -123,10 +123,11 @@ class Checkpoints:
         self._remove_all_but({STATE_FILE, name})
 
     def clear(self) -> None:
-        """Leave only an idle ``state.json`` (nothing to resume; DVC warns about an empty output)."""
+        """Leave only an idle ``state.json`` (nothing to resume; DVC warns about an empty output).
+        The state first: a kill before the model files are gone leaves no state naming a missing file."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._remove_all_but({STATE_FILE})
         files.write_json(self.folder / STATE_FILE, IDLE_STATE)
+        self._remove_all_but({STATE_FILE})
 
     def _remove_all_but(self, keep: set[str]) -> None:
         for entry in self.folder.iterdir():

@@ -271,13 +271,17 @@ def train(
         crash_point("final-model-logged")
         # Resumable params (a resume may have raised train.epochs) are logged once, with their final value.
         mlflow.log_params({f"train.{name}": params[f"train.{name}"] for name in RESUMABLE})
-        checkpoints.clear()
     except BaseException as err:
         replacement = tracking.end_run_with_error(err)  # one line when the tracking server is gone
         if replacement is not None:
             raise replacement from None
         raise
+    # The run ends before the checkpoint goes: a kill in between resumes the finished run from its
+    # last epoch (registering nothing twice); a kill after leaves a finished run and an idle folder.
     mlflow.end_run()
+    crash_point("run-ended")
+    checkpoints.clear()
+    crash_point("checkpoint-cleared")
     return final
 
 
