@@ -644,6 +644,7 @@ mount -t tmpfs -o size="$SIZE" tmpfs models
 cp -a "$PREVIOUS" models/char_rnn
 "$@" > "$OUT/first.out" 2> "$OUT/first.err"; echo $? > "$OUT/first.rc"
 ls -A models models/char_rnn > "$OUT/after-failure.ls"
+ls -A "$CHECKPOINTS" > "$OUT/checkpoint.ls"; cp "$CHECKPOINTS/state.json" "$OUT/checkpoint-state.json"
 (cd models/char_rnn && sha256sum *) > "$OUT/after-failure.sha"
 mount -o remount,size=256m models
 "$@" > "$OUT/second.out" 2> "$OUT/second.err"; echo $? > "$OUT/second.rc"
@@ -680,7 +681,7 @@ def test_a_full_disk_keeps_the_previous_model_and_the_rerun_completes(trained_pr
     size = sum(p.stat().st_size for p in previous.iterdir())
     size = size + size // 2  # room for the previous model, not for the new one beside it
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "SIZE": str(size),
-           "PREVIOUS": str(previous), "OUT": str(tmp_path)}
+           "PREVIOUS": str(previous), "OUT": str(tmp_path), "CHECKPOINTS": PATHS["checkpoints"]}
     env.pop("MLFLOW_TRACKING_URI", None)
     subprocess.run([*command, *stage_argv("train")], cwd=project, env=env, check=True, timeout=900)
 
@@ -692,8 +693,8 @@ def test_a_full_disk_keeps_the_previous_model_and_the_rerun_completes(trained_pr
     assert sha256sums(tmp_path / "after-failure.sha") == before
     listing = (tmp_path / "after-failure.ls").read_text()
     assert not [name for name in listing.split() if ".tmp" in name or name.startswith(".")], listing
-    state = json.loads((project / PATHS["checkpoints"] / "state.json").read_text())
-    assert (project / PATHS["checkpoints"] / state["model_file"]).is_file(), state  # the epochs are kept
+    state = json.loads((tmp_path / "checkpoint-state.json").read_text())  # the epochs are kept
+    assert state["model_file"] in (tmp_path / "checkpoint.ls").read_text().split(), state
 
     second = (tmp_path / "second.out").read_text() + (tmp_path / "second.err").read_text()
     assert (tmp_path / "second.rc").read_text().strip() == "0", second[-3000:]
