@@ -8,7 +8,7 @@ from charrnn.config import as_flat_dict, load_params
 from charrnn.errors import UserError, exit_on_user_error
 from charrnn.files import remove_leftovers
 from charrnn.quiet import importing_tensorflow, quiet_python_logs
-from charrnn.threads import configure_threads, threads_from_env
+from charrnn.threads import configure_cpu_replicas, configure_threads, cpu_replicas_from_env, threads_from_env
 from charrnn.tracking import check_server
 
 
@@ -35,11 +35,13 @@ def main():
     corpus = json.loads(args.corpus.read_text(encoding="utf-8"))
     remove_leftovers(args.model, args.history, args.run_info, *([args.steps] if args.steps else []))  # the checkpoint folder sweeps its own
     check_server()
-    threads_from_env()  # a bad CHARRNN_THREADS fails before TensorFlow loads
+    threads_from_env()  # a bad CHARRNN_THREADS (or CHARRNN_CPU_REPLICAS) fails before TensorFlow loads
+    cpu_replicas_from_env()
     with importing_tensorflow():  # TensorFlow takes ~10 s to load: params and server first
         from charrnn.train import train
     quiet_python_logs()
     configure_threads()
+    configure_cpu_replicas()
     final = train(config, args.sequences, args.vocabulary, args.model, args.checkpoints, args.history,
                   mlflow_config.experiment, params, args.params, corpus, mlflow_config.registered_model,
                   args.run_info, args.steps)

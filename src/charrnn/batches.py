@@ -13,17 +13,26 @@ from charrnn import sequences
 from charrnn.config import TrainConfig
 
 
-def training_dataset(pieces, seq_length: int, config: TrainConfig, start_batch: int) -> tf.data.Dataset:
-    """An endless stream of training batches, starting at batch ``start_batch`` of the stream.
+def training_dataset(pieces, seq_length: int, config: TrainConfig, start_batch: int,
+                     replicas: int = 1) -> tf.data.Dataset:
+    """An endless stream of training batches of ``config.batch_size``, starting at batch
+    ``start_batch`` of the stream.
 
     The stream is pass after pass over the windows, pass p shuffled with the seed (seed, p); an
-    epoch is the next ``steps_per_epoch`` batches of it (a full pass by default). ``pieces`` is a
+    epoch is the next ``steps_per_epoch`` steps of it (a full pass by default). ``pieces`` is a
     list of (path, windows) (whole shards) or (path, skip, take) (a range of a shard's windows).
+
+    ``replicas``: the batches one step takes (a strategy's replicas fed by this stream, each its
+    batch in turn). A pass holds whole steps only, as many as one batch of ``replicas`` x
+    ``batch_size`` would give, so the ``replicas`` batches of a step are the consecutive slices of
+    the batch that stream would yield; ``start_batch`` counts single batches (``replicas`` a step).
     """
     whole_files = all(len(p) == 2 for p in pieces)
     pieces = [(p[0], 0, p[1]) if len(p) == 2 else tuple(p) for p in pieces]
     batch_size = config.batch_size
-    batches_per_pass = sum(take for _, _, take in pieces) // batch_size
+    # Whole steps per pass: per-replica batching alone would drop fewer windows and let a step
+    # straddle two passes.
+    batches_per_pass = sum(take for _, _, take in pieces) // (batch_size * replicas) * replicas
     if whole_files:  # one reader
         windows = sequences.windows_dataset([p for p, _, _ in pieces], seq_length)
     else:
@@ -36,7 +45,7 @@ def training_dataset(pieces, seq_length: int, config: TrainConfig, start_batch: 
     def one_pass(index):
         return windows.shuffle(
             config.shuffle_buffer, seed=config.seed * 1_000_003 + index, reshuffle_each_iteration=False
-        ).batch(batch_size, drop_remainder=True)
+        ).batch(batch_size, drop_remainder=True).take(batches_per_pass)
 
     first_pass, offset = divmod(start_batch, batches_per_pass)
     return (

@@ -1,10 +1,11 @@
 """Distribution strategies, and the training loop for several machines.
 
-``default`` is one device (Keras' ``fit``), ``mirrored`` all local GPUs, ``multi_worker`` several
-machines (``TF_CONFIG``). Both distributed strategies train in ``fit_distributed``, a plain
-``strategy.run`` loop whose step sums the replicas' gradients before the optimizer clips: Keras'
-``fit`` under a strategy clips each replica's partial gradient first (so ``mirrored`` would train
-another model than one device), and under ``multi_worker`` it fails (keras-team/keras#20585).
+``default`` is one device (Keras' ``fit``), ``mirrored`` all local GPUs (without a GPU, every
+logical CPU: ``CHARRNN_CPU_REPLICAS``), ``multi_worker`` several machines (``TF_CONFIG``). Both
+distributed strategies train in ``fit_distributed``, a plain ``strategy.run`` loop whose step sums
+the replicas' gradients before the optimizer clips: Keras' ``fit`` under a strategy clips each
+replica's partial gradient first (so ``mirrored`` would train another model than one device), and
+under ``multi_worker`` it fails (keras-team/keras#20585).
 """
 
 from __future__ import annotations
@@ -18,16 +19,25 @@ import tensorflow as tf
 
 from charrnn.batches import training_dataset
 from charrnn.errors import UserError
+from charrnn.faults import crash_point
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The strategy ``train.strategy`` names; a distributed one prints its replica count."""
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
+        # Without a GPU, the logical CPUs that CHARRNN_CPU_REPLICAS made (one replica each).
+        devices = None if tf.config.list_logical_devices("GPU") else [
+            d.name for d in tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices)
+    elif name == "multi_worker":
         if not os.environ.get("TF_CONFIG"):
             raise UserError("train.strategy is 'multi_worker' but TF_CONFIG is not set; see README 'Team setup'")
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        return tf.distribute.get_strategy()
+    here = ", ".join(d.rsplit("/", 1)[-1].removeprefix("device:") for d in strategy.extended.worker_devices)
+    print(f"train: strategy {name}, {strategy.num_replicas_in_sync} replica(s) in sync (here: {here})", flush=True)
+    return strategy
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -104,20 +114,26 @@ def make_train_step(model, strategy, global_batch: int):
 def fit_distributed(model, strategy, config, train_shards, seq_length, val_ds, steps, initial_epoch,
                     callbacks, verbose):
     """The training loop under ``mirrored`` and ``multi_worker``. Each input pipeline (one per
-    worker) streams its equal share of the windows (``worker_windows``) in per-replica batches, so
-    the replicas of one step hold consecutive slices of the global batch one device would take; one
-    optimizer step per global batch (``make_train_step``); every worker scores the same validation batches.
-    Callbacks get the same calls and logs as under ``fit`` (running mean ``loss`` per batch,
-    ``loss``/``val_loss`` per epoch).
+    worker) streams its equal share of the windows (``worker_windows``) in per-replica batches, R
+    of them a step for its R replicas, so the replicas of one step hold consecutive slices of the
+    batch one device would take from that share (with one worker: the single-device global batch,
+    ``tests/test_distributed.py``); one optimizer step per global batch (``make_train_step``); every
+    worker scores the same validation batches. Callbacks get the same calls and logs as under
+    ``fit`` (running mean ``loss`` per batch, ``loss``/``val_loss`` per epoch).
     """
+    replicas_total = strategy.num_replicas_in_sync
+    if config.batch_size % replicas_total:
+        raise UserError(f"train.batch_size={config.batch_size} does not split over {replicas_total} replicas; "
+                        f"use a multiple of {replicas_total}")
 
     def dataset_fn(context):
         pieces = worker_windows(train_shards, context.input_pipeline_id, context.num_input_pipelines)
         local = dataclasses.replace(config, batch_size=context.get_per_replica_batch_size(config.batch_size))
-        if sum(take for _, _, take in pieces) < local.batch_size:
+        replicas = replicas_total // context.num_input_pipelines  # batches this pipeline gives per step
+        if sum(take for _, _, take in pieces) < local.batch_size * replicas:
             raise UserError(f"{context.num_input_pipelines} workers leave each fewer training windows than its "
                             f"share of train.batch_size={config.batch_size}; use fewer workers or a longer corpus")
-        return training_dataset(pieces, seq_length, local, initial_epoch * steps)
+        return training_dataset(pieces, seq_length, local, initial_epoch * steps * replicas, replicas)
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
@@ -137,6 +153,7 @@ def fit_distributed(model, strategy, config, train_shards, seq_length, val_ds, s
         losses = []
         for i in range(steps):
             losses.append(float(train_step(iterator)))
+            crash_point("distributed-step")
             bar.update(i + 1, [("loss", losses[-1])])
             callbacks.on_train_batch_end(i, {"loss": float(np.mean(losses))})
         callbacks.on_test_begin()  # as fit's validation: SwapEMAWeights scores the moving average

@@ -1,4 +1,5 @@
-"""CPU threads per stage: ``CHARRNN_THREADS`` sizes TensorFlow's thread pools.
+"""CPU threads per stage: ``CHARRNN_THREADS`` sizes TensorFlow's thread pools;
+``CHARRNN_CPU_REPLICAS`` splits the CPU into logical devices for ``train.strategy: mirrored``.
 
 By default TensorFlow uses every core for each op (intra-op) and runs ops side by side on another
 pool (inter-op). Two experiments run in parallel (``dvc queue start -j 2``) would each claim every
@@ -13,6 +14,7 @@ import os
 from charrnn.errors import UserError
 
 ENV = "CHARRNN_THREADS"
+REPLICAS_ENV = "CHARRNN_CPU_REPLICAS"
 
 
 def threads_from_env() -> int | None:
@@ -23,6 +25,29 @@ def threads_from_env() -> int | None:
         raise UserError(f"{ENV} must be a positive number of threads, got {value!r}; e.g. "
                         f"{ENV}=$(( $(nproc) / 2 )) for two parallel experiments")
     return int(value)
+
+
+def cpu_replicas_from_env() -> int | None:
+    value = os.environ.get(REPLICAS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{REPLICAS_ENV} must be a positive number of logical CPU devices, got {value!r}; "
+                        f"e.g. {REPLICAS_ENV}=2 to run train.strategy: mirrored on two CPU replicas")
+    return int(value)
+
+
+def configure_cpu_replicas() -> int | None:
+    """Apply ``CHARRNN_CPU_REPLICAS=n``: the CPU becomes n logical devices, so that ``mirrored``
+    without a GPU runs n replicas (on one CPU's cores: for testing the multi-replica path, not for
+    speed). Call before TensorFlow initialises its devices; returns n or None."""
+    replicas = cpu_replicas_from_env()
+    if replicas and replicas > 1:
+        import tensorflow as tf
+
+        cpus = tf.config.list_physical_devices("CPU")
+        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * replicas)
+    return replicas
 
 
 def configure_threads() -> int | None:
