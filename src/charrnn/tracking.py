@@ -13,9 +13,7 @@ import json
 import logging
 import os
 import subprocess
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -23,7 +21,8 @@ import yaml
 
 from charrnn.errors import UserError
 
-# mlflow is imported where it is used: `check_server` runs before the heavy imports of a stage.
+# mlflow is imported where it is used: `check_server` runs before the heavy imports of a stage
+# (for a tracking server it imports MLflow's client, never TensorFlow).
 
 MODEL_HASH_TAG = "charrnn.model_sha256"
 RESUME_KEY_TAG = "charrnn.resume_key"
@@ -54,58 +53,159 @@ def _fix_hint(from_env: bool | None = None) -> str:
     return "move the file aside (`mv mlflow.db mlflow.db.bad`) and rerun; a new store is created"
 
 
-def _health(uri: str, timeout: float) -> Exception | None:
-    """One ``GET /health`` of a tracking server: None if it answered 200, else the error."""
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-            return None
-    except (urllib.error.URLError, OSError) as err:  # HTTPError is a URLError
-        return err
+# ---- the preflight: a tracking server asked once, through MLflow's own HTTP client ----------------
 
-
-def _check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, not after an hour of training, when a tracking server is down."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    err = _health(uri, timeout)
-    if isinstance(err, urllib.error.HTTPError):
-        raise UserError(
-            f"{uri} answers but is not an MLflow tracking server (GET /health: HTTP {err.code}); "
-            "point MLFLOW_TRACKING_URI at `mlflow server`"
-        ) from None
-    if err is not None:
-        reason = getattr(err, "reason", err)
-        raise UserError(
-            f"MLflow tracking server {uri} is unreachable ({reason}); start it "
-            "(`mlflow server --host 127.0.0.1 --port 5000`) or unset MLFLOW_TRACKING_URI"
-        ) from None
-
-
+# MLflow's client reads MLFLOW_TRACKING_USERNAME/PASSWORD, MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_AUTH,
+# MLFLOW_TRACKING_SERVER_CERT_PATH, MLFLOW_TRACKING_CLIENT_CERT_PATH and MLFLOW_TRACKING_INSECURE_TLS (and
+# ~/.mlflow/credentials): a request of our own would honour none of them and refuse servers MLflow reaches.
+# The checks send what the client sends (``http_request`` with the host credentials the REST store
+# uses), with no retries (MLflow's back-off takes minutes) and the status read from the answer itself:
+# MlflowClient's exceptions lose it when a proxy answers in JSON, and its retry and timeout settings
+# are process-wide variables that would also hold for the training's own logging threads.
+PREFLIGHT_TIMEOUT = 10.0  # seconds
+SERVER_DOWN_FIX = "start it (`mlflow server --host 127.0.0.1 --port 5000`) or unset MLFLOW_TRACKING_URI"
 AUTH_FIX = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of the server "
             "(its admin creates users: README, Team setup)")
+TOKEN_FIX = "set MLFLOW_TRACKING_TOKEN to a token the server accepts"
+TLS_FIX = ("set MLFLOW_TRACKING_SERVER_CERT_PATH to the CA certificate (PEM) that signed the server's "
+           "certificate, or MLFLOW_TRACKING_INSECURE_TLS=true to skip verification")
 
 
-def _check_credentials(uri: str, timeout: float = 10.0) -> None:
-    """A server with authentication (``mlflow server --app-name basic-auth``) that refuses this
-    client's credentials (MLflow's variables) fails the stage in one line, before TensorFlow loads."""
-    import base64
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
 
-    if not uri.startswith(("http://", "https://")):
-        return
-    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    if user:
-        token = base64.b64encode(f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
+
+def _ask(uri: str, endpoint: str, method: str, timeout: float, **kwargs):
+    """One request to the tracking server as MLflow's client makes it (credentials, TLS settings,
+    headers), without retries; returns the response whatever its status."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    return http_request(get_default_host_creds(uri), endpoint, method, max_retries=0, timeout=timeout,
+                        raise_on_status=False, **kwargs)
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """``err`` and what it wraps, outermost first: MLflow wraps requests, which wraps urllib3,
+    which wraps the socket's or the TLS layer's error."""
+    chain: list[BaseException] = []
+    while err is not None and all(err is not seen for seen in chain):
+        chain.append(err)
+        inner = err.__cause__ or err.__context__ or getattr(err, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in err.args if isinstance(a, BaseException)), None)
+        err = inner
+    return chain
+
+
+def _refused_who() -> tuple[str, str]:
+    """Whom a 401 or 403 refused, as MLflow's client presented itself (Basic wins over a token),
+    and the fix for a 401."""
+    from mlflow.environment_variables import MLFLOW_TRACKING_AUTH, MLFLOW_TRACKING_TOKEN
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    creds = read_mlflow_creds()  # the variables, else ~/.mlflow/credentials
+    if creds.username and creds.password:
+        return f"user '{creds.username}' with this password", AUTH_FIX
+    if MLFLOW_TRACKING_TOKEN.get():
+        return "the token in MLFLOW_TRACKING_TOKEN", TOKEN_FIX
+    if MLFLOW_TRACKING_AUTH.get():
+        return f"the credentials of MLFLOW_TRACKING_AUTH={MLFLOW_TRACKING_AUTH.get()}", "check that provider's login"
+    if creds.username:  # MLflow sends a user only with a password
+        return (f"a client without credentials (MLFLOW_TRACKING_USERNAME is '{creds.username}' but "
+                "MLFLOW_TRACKING_PASSWORD is unset)"), AUTH_FIX
+    return "a client without credentials", AUTH_FIX
+
+
+def _transport_error(uri: str, err: Exception, timeout: float) -> UserError:
+    """The request got no HTTP answer: the server is down, a name does not resolve, TLS failed."""
+    import ssl
+
+    import requests
+
+    chain = _causes(err)
+    innermost = chain[-1]
+    reason = next((line.strip() for line in str(innermost).splitlines() if line.strip()), type(innermost).__name__)
+    if any(isinstance(e, (requests.exceptions.SSLError, ssl.SSLError)) for e in chain):
+        verify = next((e for e in chain if isinstance(e, ssl.SSLCertVerificationError)), None)
+        if verify is None:
+            return UserError(
+                f"MLflow tracking server {uri}: the TLS handshake failed ({reason}); check http:// or https:// "
+                "in MLFLOW_TRACKING_URI, and MLFLOW_TRACKING_CLIENT_CERT_PATH if the server asks for a client "
+                "certificate")
+        why = getattr(verify, "verify_message", None) or reason
+        cert_path = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+        if cert_path:
+            return UserError(
+                f"MLflow tracking server {uri}: its TLS certificate does not verify against "
+                f"MLFLOW_TRACKING_SERVER_CERT_PATH={cert_path} ({why}); {TLS_FIX}")
+        return UserError(f"MLflow tracking server {uri}: its TLS certificate is not trusted ({why}); {TLS_FIX}")
+    # Without retries a read timeout comes as a ConnectionError around the socket's TimeoutError.
+    if any(isinstance(e, (requests.exceptions.Timeout, TimeoutError)) for e in chain):
+        reason = f"no answer in {timeout:g} s"
+    elif not any(isinstance(e, requests.exceptions.ConnectionError) for e in chain):
+        # Not the network: the client's own settings (both TLS variables set, a CA file that is missing...).
+        return UserError(f"MLflow tracking server {uri} cannot be used ({reason}); "
+                         "fix the MLFLOW_TRACKING_* variables or unset MLFLOW_TRACKING_URI")
+    return UserError(f"MLflow tracking server {uri} is unreachable ({reason}); {SERVER_DOWN_FIX}")
+
+
+def _answer_error(uri: str, response, endpoint: str, method: str) -> UserError | None:
+    """What an HTTP answer to the preflight's search means: None for an MLflow server that let us in."""
+    from http import HTTPStatus
+
+    code = response.status_code
     try:
-        with urllib.request.urlopen(request, timeout=timeout):
-            return
-    except urllib.error.HTTPError as err:
-        if err.code == 401:
-            who = f"user '{user}' with this password" if user else "a client without credentials"
-            raise UserError(f"MLflow tracking server {uri} refused {who} (401 Unauthorized); {AUTH_FIX}") from None
-    except (urllib.error.URLError, OSError):
-        pass  # not this check's concern: MLflow's own calls say what is wrong
+        body = response.json()
+    except ValueError:
+        body = None
+    mlflow_answer = isinstance(body, dict)
+    if code == 200 and mlflow_answer:
+        return None
+    try:
+        status = f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:  # a code Python has no name for
+        status = str(code)
+    if code == 401:
+        who, fix = _refused_who()
+        return UserError(f"MLflow tracking server {uri} refused {who} ({status}); {fix}")
+    if code == 403:
+        who, _ = _refused_who()
+        return UserError(f"MLflow tracking server {uri} denied {who} access ({status}); ask the server's "
+                         "admin for permission (README, Team setup)")
+    if mlflow_answer and "error_code" in body:  # MLflow itself failed (its database is down...)
+        message = next((line.strip() for line in str(body.get("message", "")).splitlines() if line.strip()), "")
+        return UserError(f"MLflow tracking server {uri} answers with an error ({status}: "
+                         f"{body['error_code']} {message[:200]}); see the server's log")
+    if code in (502, 503, 504):  # a proxy in front of a server that is down
+        return UserError(f"MLflow tracking server {uri} is unreachable ({status} from the proxy in front of "
+                         f"it); {SERVER_DOWN_FIX}")
+    return UserError(f"{uri} answers but is not an MLflow tracking server ({method} {endpoint}: HTTP {code}); "
+                     "point MLFLOW_TRACKING_URI at `mlflow server`")
+
+
+def _check_server_answers(uri: str, timeout: float = PREFLIGHT_TIMEOUT) -> None:
+    """Fail in seconds, not after an hour of training, when the tracking server is down, refuses this
+    client's credentials (401) or permissions (403), or its TLS certificate is not trusted: one line
+    naming the fix, before TensorFlow loads. The question is the one MLflow's client asks first
+    (search experiments), so what passes here is what MLflow itself can use."""
+    if not _is_server(uri):
+        return
+    from mlflow.protos.service_pb2 import MlflowService, SearchExperiments
+    from mlflow.utils.rest_utils import _REST_API_PATH_PREFIX, extract_api_info_for_service
+
+    endpoint, method = extract_api_info_for_service(MlflowService, _REST_API_PATH_PREFIX)[SearchExperiments]
+    for name in ("MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH"):
+        path = os.environ.get(name)
+        if path and not Path(path).is_file():
+            raise UserError(f"{name}={path}: no such file; point it at the certificate (PEM) or unset it")
+    try:
+        response = _ask(uri, endpoint, method, timeout, json={"max_results": 1})
+    except Exception as err:  # noqa: BLE001 - no HTTP answer: say why in one line
+        raise _transport_error(uri, err, timeout) from None
+    error = _answer_error(uri, response, endpoint, method)
+    if error is not None:
+        raise error
 
 
 def _check_can_write(experiment_id: str, experiment_name: str) -> None:
@@ -184,8 +284,7 @@ def _check_database(uri: str) -> None:
 def check_server() -> None:
     """A stopped tracking server or a damaged store fails the stage in a second, before TensorFlow loads."""
     uri = tracking_uri()
-    _check_reachable(uri)
-    _check_credentials(uri)
+    _check_server_answers(uri)
     _check_sqlite_file(uri)
 
 
@@ -249,9 +348,15 @@ _server_down: str | None = None  # the server's URI once a logging call found it
 
 
 def server_answers(uri: str | None = None, timeout: float = 3.0) -> bool:
-    """True unless ``uri`` is a tracking server that does not answer ``GET /health`` (one try)."""
+    """True unless ``uri`` is a tracking server that does not answer ``GET /health`` with 200 (one try,
+    through MLflow's client, so with its credentials and TLS settings)."""
     uri = uri or tracking_uri()
-    return not uri.startswith(("http://", "https://")) or _health(uri, timeout) is None
+    if not _is_server(uri):
+        return True
+    try:
+        return _ask(uri, "/health", "GET", timeout).status_code == 200
+    except Exception:  # noqa: BLE001 - no answer at all
+        return False
 
 
 def logging_failed(err: Exception) -> None:
