@@ -18,12 +18,17 @@ import pytest
 import tensorflow as tf
 
 from charrnn import cell_ops, lstm_cpu
-from conftest import missing_prerequisite
 
 # The fused kernel sums the same terms in another order (input projection of all steps first):
 # float32 round-off only, measured ~1e-7 relative on these shapes. A wrong gate, transpose or
 # missing term gives errors of order 1e-1, so 1e-5 separates the two by orders of magnitude.
 RTOL = 1e-5
+
+
+def missing_prerequisite(what: str):
+    from conftest import missing_prerequisite  # not at import: subprocesses import this module outside pytest
+
+    missing_prerequisite(what)
 
 
 def rel_err(a, b) -> float:
