@@ -4,6 +4,7 @@ a DVC remote round trip to a fresh clone, and clear failures when the server or 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, copy_project, dvc, make_project, run, wait_for_queue
+from conftest import BIN, copy_project, dvc, make_project, missing_prerequisite, run, wait_for_queue
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +52,18 @@ def postgres_database():
     SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3: the URL names psycopg2, the `postgres`
     extra's driver."""
     try:
-        import psycopg2  # noqa: F401
+        import psycopg2
     except ImportError:
-        pytest.skip("psycopg2 is not installed (pip install -e '.[postgres]')")
+        missing_prerequisite("psycopg2 is not installed (pip install -e '.[postgres]')")
+    try:
+        socket.create_connection((PG["host"], PG["port"]), timeout=3).close()
+    except OSError as err:
+        missing_prerequisite(f"nothing answers on PostgreSQL's port {PG['host']}:{PG['port']} ({err})")
     try:
         conn, user = _pg_connect()
-    except Exception as err:  # noqa: BLE001 - any failure to connect means: no server to test against
-        pytest.skip(f"PostgreSQL on {PG['host']}:{PG['port']} is not reachable ({str(err).strip()[:120]})")
+    except psycopg2.Error as err:  # a server answers: a role, database or password problem is a failure
+        pytest.fail(f"PostgreSQL on {PG['host']}:{PG['port']} answers but refused the test: {str(err).strip()}",
+                    pytrace=False)
     name = f"charrnn_test_{secrets.token_hex(4)}"
     with conn.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
@@ -126,6 +132,29 @@ def mlflow_server(tmp_path):
             server.stop()
 
 
+def test_postgres_tests_skip_only_when_nothing_answers_on_the_port(monkeypatch):
+    with postgres_database():  # the real server first: it is there, or this test skips (fails on CI) here
+        pass
+
+    def outcome() -> tuple[type, str]:
+        try:
+            with postgres_database():
+                pass
+        except (pytest.skip.Exception, pytest.fail.Exception) as err:
+            return type(err), str(err)
+        raise AssertionError("postgres_database() neither skipped nor failed")
+
+    on_ci = missing_prerequisite.__globals__
+    monkeypatch.setitem(on_ci, "ON_CI", False)
+    monkeypatch.setitem(PG, "dbname", "charrnn_no_such_database")
+    kind, said = outcome()
+    assert kind is pytest.fail.Exception and 'database "charrnn_no_such_database" does not exist' in said, said
+    monkeypatch.setitem(PG, "port", free_port())
+    kind, said = outcome()
+    assert kind is pytest.skip.Exception and "nothing answers on PostgreSQL's port" in said, said
+    monkeypatch.setitem(on_ci, "ON_CI", True)
+    kind, said = outcome()
+    assert kind is pytest.fail.Exception and "CI=true and nothing answers on PostgreSQL's port" in said, said
 
 
 # ---- 1. parallel queued experiments, one shared server with users ------------------------------
@@ -141,7 +170,8 @@ def readme_ini() -> str:
 def auth_server(tmp_path):
     """``mlflow server --app-name basic-auth`` as the README runs it: runs and users on PostgreSQL, the
     admin password from MLFLOW_AUTH_ADMIN_PASSWORD; yields the server with ``admin_password`` set."""
-    pytest.importorskip("flask_wtf", reason="MLflow's auth app is not installed (pip install -e '.[postgres]')")
+    if importlib.util.find_spec("flask_wtf") is None:
+        missing_prerequisite("MLflow's auth app (flask_wtf) is not installed (pip install -e '.[postgres]')")
     with postgres_database() as backend, postgres_database() as users:
         config = tmp_path / "basic_auth.ini"
         config.write_text(re.sub(r"(?m)^database_uri = .*$", f"database_uri = {users}", readme_ini()))
@@ -234,6 +264,12 @@ def test_parallel_queue_records_every_run_on_a_postgres_server_with_users(tmp_pa
         samples = [f.path for f in client.list_artifacts(r.info.run_id, "samples")]
         assert "samples/epoch_001.txt" in samples, (r.info.run_name, samples)
         assert r.info.run_id in versions, f"{r.info.run_name}: no registered version"
+    # The two evaluates crowned concurrently: the alias is on the lowest eval_val_loss (the older of equals).
+    scored = [v for v in versions.values() if "eval_val_loss" in v.tags]
+    assert len(scored) == len(QUEUED) and len({v.tags["val_split"] for v in scored}) == 1, [v.tags for v in scored]
+    best = min(scored, key=lambda v: (float(v.tags["eval_val_loss"]), int(v.version)))
+    assert client.get_model_version_by_alias("charrnn", "champion").version == best.version, [
+        (v.version, v.tags["eval_val_loss"]) for v in scored]
     # The artifacts went through the server into its --artifacts-destination.
     assert list(auth_server.artifacts.rglob("epoch_001.txt"))
     model = mlflow.pyfunc.load_model("models:/charrnn@champion")
