@@ -26,13 +26,28 @@ from conftest import REPO, defaults
 
 def test_the_tutorial_preset_is_the_tutorials_model_with_its_parameter_counts():
     """`dvc exp run $(charrnn preset tutorial)` over params.yaml: the seed model, 5,330,241 parameters."""
+    import contextlib
+    import io
+
     import yaml
 
-    from charrnn.cli import main as cli
-    from charrnn.config import PRESETS, apply_preset, parse_section, read_params_file
+    from charrnn.cli import PRESETS, main as cli
+    from charrnn.config import parse_section, read_params_file
     from charrnn.model import model_from_config
 
-    raw = apply_preset(read_params_file(REPO / "params.yaml"), "tutorial")
+    # What the CLI prints is what `dvc exp run -S` reads: YAML values, one -S per key.
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli(["preset", "tutorial"])
+    words = out.getvalue().split()
+    assert words[::2] == ["-S"] * len(PRESETS["tutorial"])
+    written = {k: yaml.safe_load(v) for k, v in (word.split("=", 1) for word in words[1::2])}
+    assert written == PRESETS["tutorial"]
+
+    raw = read_params_file(REPO / "params.yaml")
+    for key, value in written.items():  # as `dvc exp run -S` writes them
+        section, name = key.split(".")
+        raw[section][name] = value
     train, seqs = parse_section("train", raw["train"]), parse_section("sequences", raw["sequences"])
     assert (train.batch_size, seqs.seq_length, train.learning_rate) == (64, 100, 1e-3)
     assert (train.dropout, train.clipnorm, train.weight_decay, train.lr_decay_fraction) == (0, None, 0, 0)
@@ -41,18 +56,6 @@ def test_the_tutorial_preset_is_the_tutorials_model_with_its_parameter_counts():
     counts = {layer.name: layer.count_params() for layer in model.layers if layer.count_params()}
     assert counts == {"embedding": 16_640, "lstm": 5_246_976, "logits": 66_625}
     assert model.count_params() == 5_330_241
-
-    # What the CLI prints is what `dvc exp run -S` reads: YAML values, one -S per key.
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        cli(["preset", "tutorial"])
-    words = out.getvalue().split()
-    assert words[::2] == ["-S"] * len(PRESETS["tutorial"])
-    written = dict(word.split("=", 1) for word in words[1::2])
-    assert {k: yaml.safe_load(v) for k, v in written.items()} == PRESETS["tutorial"]
 
 
 def test_a_key_missing_from_params_yaml_is_refused_naming_it():

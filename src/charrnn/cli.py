@@ -1,28 +1,119 @@
-"""The ``charrnn`` command: ``charrnn generate --model DIR --prime TEXT ...``, and
-``charrnn preset NAME``, which prints a named set of params as ``dvc exp run`` arguments."""
+"""The ``charrnn`` command: ``charrnn generate`` samples text from a trained model; ``charrnn preset
+NAME`` prints a named set of params as ``dvc exp run`` arguments.
+
+In a project (a folder with dvc.yaml and params.yaml) ``generate``'s defaults are the project's: the
+model folder dvc.yaml's train stage writes, and params.yaml's ``sample`` section. Elsewhere they are
+``charrnn.sampling``'s, and ``--model`` is required.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import typing
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from charrnn.errors import UserError, exit_on_user_error
+from charrnn.sampling import DEFAULT_PRIME, SamplingOptions
+
+# ---- presets: named sets of overrides ---------------------------------------------------------
+# Applied with DVC so that the experiment and its MLflow run record every value:
+#   dvc exp run -n tutorial $(charrnn preset tutorial)
+
+PRESETS: dict[str, dict[str, typing.Any]] = {
+    # TensorFlow's "Text generation with an RNN": Embedding(vocab, 256) -> LSTM(1024) -> Dense(vocab),
+    # batches of 64 x 100 characters, Adam at Keras' default rate, no dropout, clipping, decay or average.
+    # With its 65-symbol vocabulary: 5,330,241 parameters. The schedule stays the params.yaml one.
+    "tutorial": {
+        "sequences.seq_length": 100,
+        "train.batch_size": 64,
+        "train.embedding_dim": 256,
+        "train.rnn_units": 1024,
+        "train.num_layers": 1,
+        "train.cell": "lstm",
+        "train.dropout": 0.0,
+        "train.input_dropout": 0.0,
+        "train.variational_dropout": False,
+        "train.ema_momentum": None,
+        "train.learning_rate": 0.001,
+        "train.lr_decay_fraction": 0.0,
+        "train.clipnorm": None,
+        "train.weight_decay": 0.0,
+    },
+}
+
+
+def preset_arguments(name: str) -> list[str]:
+    """The preset as ``dvc exp run`` arguments: ``["-S", "train.batch_size=64", ...]``."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
+    out = []
+    for key, value in PRESETS[name].items():
+        out += ["-S", f"{key}={'null' if value is None else value}"]
+    return out
+
+
+def preset_arguments(name: str) -> list[str]:
+    """The preset as ``dvc exp run`` arguments: ``["-S", "train.batch_size=64", ...]``."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
+    out = []
+    for key, value in PRESETS[name].items():
+        out += ["-S", f"{key}={'null' if value is None else value}"]
+    return out
+
+
+# ---- generate's defaults ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateDefaults:
+    model: str | None  # None: --model is required
+    prime: str
+    options: SamplingOptions
+
+
+def generate_defaults(folder: Path = Path(".")) -> GenerateDefaults:
+    """The project's defaults where ``folder`` is a project (dvc.yaml's model path, params.yaml's
+    ``sample`` section), else charrnn.sampling's."""
+    params, pipeline = folder / "params.yaml", folder / "dvc.yaml"
+    if not (params.is_file() and pipeline.is_file()):
+        return GenerateDefaults(None, DEFAULT_PRIME, SamplingOptions())
+    import yaml
+
+    from charrnn.config import load_params
+
+    sample = load_params(params, "sample")
+    variables = (yaml.safe_load(pipeline.read_text(encoding="utf-8")) or {}).get("vars") or []
+    paths = next((v["paths"] for v in variables if isinstance(v, dict) and isinstance(v.get("paths"), dict)), {})
+    return GenerateDefaults(paths.get("model"), sample.prime, SamplingOptions.of(sample))
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="charrnn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="charrnn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    fallback = SamplingOptions()
+
+    def default(key: str, value) -> str:
+        return f"default: {key} in a project, else {value!r}"
+
     gen = sub.add_parser("generate", help="sample text from a trained model")
-    gen.add_argument("--model", default="models/char_rnn",
-                     help="model folder written by the train stage, or an MLflow model: models:/charrnn/<version>, "
-                          "runs:/<run id>/model")
-    gen.add_argument("--prime", default="ROMEO: ", help="text the samples start with")
-    gen.add_argument("--length", type=int, default=1000, help="characters to generate after the prime")
-    gen.add_argument("--temperature", type=float, default=1.0,
-                     help="> 0 scales the logits; 0 means greedy (always the most likely character)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely characters (0: all)")
-    gen.add_argument("--num-samples", type=int, default=1, help="streams generated at once (one batch)")
-    gen.add_argument("--seed", type=int, default=0, help="same seed, same text")
+    gen.add_argument("--model", help="model folder written by the train stage, or an MLflow model: "
+                                     "models:/charrnn/<version>, models:/charrnn@champion, runs:/<run id>/model "
+                                     "(default: dvc.yaml's paths.model in a project)")
+    gen.add_argument("--prime", help="text the samples start with (" + default("params.yaml's sample.prime",
+                                                                                 DEFAULT_PRIME) + ")")
+    gen.add_argument("--length", type=int, help="characters to generate after the prime ("
+                     + default("sample.length", fallback.length) + ")")
+    gen.add_argument("--temperature", type=float, help="> 0 scales the logits; 0 means greedy ("
+                     + default("sample.temperature", fallback.temperature) + ")")
+    gen.add_argument("--top-k", type=int, help="sample among the k most likely characters, 0: all ("
+                     + default("sample.top_k", fallback.top_k) + ")")
+    gen.add_argument("--num-samples", type=int, help="streams generated at once, one batch ("
+                     + default("sample.num_samples", fallback.num_samples) + ")")
+    gen.add_argument("--seed", type=int, help="same seed, same text (" + default("sample.seed", fallback.seed) + ")")
     preset = sub.add_parser("preset", help="print a named set of params as `dvc exp run -S` arguments, "
                                            "e.g. dvc exp run -n tutorial $(charrnn preset tutorial)")
     preset.add_argument("name", help="tutorial: TensorFlow's tutorial model (Embedding 256, LSTM 1024, 64 x 100)")
@@ -30,13 +121,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def generate(args) -> None:
-    from charrnn.sampling import SamplingOptions
-
-    options = SamplingOptions(args.length, args.temperature, args.top_k, args.num_samples, args.seed)
+    defaults = generate_defaults()
+    model_path = args.model or defaults.model
+    if model_path is None:
+        raise UserError("no --model given and no dvc.yaml here to take the model folder from; "
+                        "pass --model DIR or --model models:/charrnn@champion")
+    prime = defaults.prime if args.prime is None else args.prime
+    given = {name: getattr(args, name) for name in ("length", "temperature", "top_k", "num_samples", "seed")}
+    options = replace(defaults.options, **{k: v for k, v in given.items() if v is not None})
     options.check()  # before TensorFlow and the model load
 
     from charrnn.quiet import importing_tensorflow, quiet_python_logs
-
     from charrnn.threads import configure_threads, threads_from_env
 
     quiet_python_logs()
@@ -46,7 +141,7 @@ def generate(args) -> None:
         from charrnn.model import load_model_dir
     configure_threads()
 
-    if args.model.startswith(("models:/", "runs:/")):
+    if model_path.startswith(("models:/", "runs:/")):
         import mlflow
 
         from charrnn import tracking
@@ -54,21 +149,21 @@ def generate(args) -> None:
 
         tracking.check_server()
         mlflow.set_tracking_uri(tracking.tracking_uri())
-        with downloaded_model_dir(args.model) as model_dir:  # read into memory, then removed
+        with downloaded_model_dir(model_path) as model_dir:  # read into memory, then removed
             model, vocabulary = load_model_dir(model_dir)
     else:
-        model, vocabulary = load_model_dir(args.model)
+        model, vocabulary = load_model_dir(model_path)
     options.check(len(vocabulary))
-    vocabulary.encode(args.prime)
+    vocabulary.encode(prime)
     generator = Generator(model, vocabulary)
     if options.num_samples == 1:  # print as it goes
-        sys.stdout.write(args.prime)
-        for (piece,) in generator.stream(args.prime, options):
+        sys.stdout.write(prime)
+        for (piece,) in generator.stream(prime, options):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
-    for i, text in enumerate(generator.generate(args.prime, options)):
+    for i, text in enumerate(generator.generate(prime, options)):
         print(f"--- sample {i + 1} ---\n{text}")
 
 
@@ -78,8 +173,6 @@ def main(argv=None) -> None:
     if args.command == "generate":
         generate(args)
     elif args.command == "preset":
-        from charrnn.config import preset_arguments
-
         print(" ".join(preset_arguments(args.name)))
     else:  # pragma: no cover - argparse enforces the choices
         raise UserError(f"unknown command {args.command}")

@@ -82,14 +82,30 @@ class TrainConfig:
     seed: int = _field(POSITIVE)  # TF refuses to trace seeded shuffles under global seed 0
 
 
+# The sampling options' rules, as (check, what the value must be): params.yaml's ``sample`` section
+# and ``charrnn.sampling.SamplingOptions.check`` (generate's flags, the served model) both use them.
+# top_k's upper bound is the vocabulary, known once a model is.
+SAMPLING_RULES = {
+    "length": (lambda v: v >= 1, "must be a positive integer"),
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, "must be >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 0, "must be between 0 (off) and the vocabulary size"),
+    "num_samples": (lambda v: v >= 1, "must be a positive integer"),
+    "seed": (lambda v: v >= 0, "must be a non-negative integer"),
+}
+
+
+def _sampling(name: str):
+    return _field(_rule(*SAMPLING_RULES[name]))
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     prime: str
-    length: int = _field(POSITIVE)
-    temperature: float = _field(NON_NEGATIVE)
-    top_k: int = _field(NON_NEGATIVE)
-    num_samples: int = _field(POSITIVE)
-    seed: int = _field(NON_NEGATIVE)
+    length: int = _sampling("length")
+    temperature: float = _sampling("temperature")
+    top_k: int = _sampling("top_k")
+    num_samples: int = _sampling("num_samples")
+    seed: int = _sampling("seed")
 
 
 @dataclass(frozen=True)
@@ -228,52 +244,6 @@ def replace(config, **changes):
     """``config`` with ``changes`` applied, validated by the same rules as params.yaml."""
     name = next(n for n, cls in SECTIONS.items() if isinstance(config, cls))
     return parse_section(name, {**dataclasses.asdict(config), **changes})
-
-
-# ---- presets: named sets of overrides ---------------------------------------------------------
-# Applied with DVC so that the experiment and its MLflow run record every value:
-#   dvc exp run -n tutorial $(charrnn preset tutorial)
-
-PRESETS: dict[str, dict[str, typing.Any]] = {
-    # TensorFlow's "Text generation with an RNN": Embedding(vocab, 256) -> LSTM(1024) -> Dense(vocab),
-    # batches of 64 x 100 characters, Adam at Keras' default rate, no dropout, clipping, decay or average.
-    # With its 65-symbol vocabulary: 5,330,241 parameters. The schedule stays the params.yaml one.
-    "tutorial": {
-        "sequences.seq_length": 100,
-        "train.batch_size": 64,
-        "train.embedding_dim": 256,
-        "train.rnn_units": 1024,
-        "train.num_layers": 1,
-        "train.cell": "lstm",
-        "train.dropout": 0.0,
-        "train.input_dropout": 0.0,
-        "train.variational_dropout": False,
-        "train.ema_momentum": None,
-        "train.learning_rate": 0.001,
-        "train.lr_decay_fraction": 0.0,
-        "train.clipnorm": None,
-        "train.weight_decay": 0.0,
-    },
-}
-
-
-def preset_arguments(name: str) -> list[str]:
-    """The preset as ``dvc exp run`` arguments: ``["-S", "train.batch_size=64", ...]``."""
-    if name not in PRESETS:
-        raise UserError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
-    out = []
-    for key, value in PRESETS[name].items():
-        out += ["-S", f"{key}={'null' if value is None else value}"]
-    return out
-
-
-def apply_preset(raw: dict, name: str) -> dict:
-    """A params.yaml mapping with the preset applied (what ``dvc exp run -S`` writes)."""
-    out = {section: dict(values or {}) for section, values in raw.items()}
-    for key, value in PRESETS[name].items():
-        section, field_name = key.split(".")
-        out.setdefault(section, {})[field_name] = value
-    return out
 
 
 # ---- fixed knobs -----------------------------------------------------------------------------

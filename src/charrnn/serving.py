@@ -21,8 +21,11 @@ import numpy as np
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+from charrnn.sampling import SamplingOptions
+
 MODEL_DIR_ARTIFACT = "model_dir"
-DEFAULTS = {"length": 200, "temperature": 1.0, "top_k": 0, "seed": 0}
+# predict's params and their defaults (charrnn.sampling's; one text per prime, so no num_samples)
+DEFAULTS = {name: getattr(SamplingOptions(), name) for name in ("length", "temperature", "top_k", "seed")}
 PARAM_TYPES = {"length": "long", "temperature": "double", "top_k": "long", "seed": "long"}
 
 
@@ -43,8 +46,6 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         self.generator = Generator(self.model, self.vocabulary)
 
     def predict(self, context, model_input, params=None):
-        from charrnn.sampling import SamplingOptions
-
         options = {**DEFAULTS, **(params or {})}
         sampling = SamplingOptions(int(options["length"]), float(options["temperature"]), int(options["top_k"]),
                                    1, int(options["seed"]))
