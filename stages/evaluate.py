@@ -4,10 +4,8 @@ import argparse
 from pathlib import Path
 
 from charrnn.config import load_params
-from charrnn.files import remove_leftovers
 from charrnn.errors import exit_on_user_error
-from charrnn.quiet import importing_tensorflow, quiet_python_logs
-from charrnn.threads import configure_threads, threads_from_env
+from charrnn.prologue import before_tensorflow, loading_tensorflow
 from charrnn.tracking import check_server
 
 
@@ -21,13 +19,9 @@ def main():
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     sample, mlflow_config = load_params(args.params, "sample", "mlflow")
-    remove_leftovers(args.metrics, args.samples)
-    check_server()
-    threads_from_env()  # a bad CHARRNN_THREADS fails before TensorFlow loads
-    with importing_tensorflow():  # TensorFlow takes ~10 s to load: params and server first
+    before_tensorflow(args.metrics, args.samples, checks=[check_server])
+    with loading_tensorflow():
         from charrnn.evaluate import evaluate
-    quiet_python_logs()
-    configure_threads()
 
     evaluate(args.model, args.sequences, sample, mlflow_config.experiment, args.metrics, args.samples)
 

@@ -4,10 +4,8 @@ import argparse
 from pathlib import Path
 
 from charrnn.config import load_params
-from charrnn.files import remove_leftovers
 from charrnn.errors import exit_on_user_error
-from charrnn.quiet import importing_tensorflow, quiet_python_logs
-from charrnn.threads import configure_threads, threads_from_env
+from charrnn.prologue import before_tensorflow, loading_tensorflow
 
 
 @exit_on_user_error
@@ -18,12 +16,9 @@ def main():
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     config = load_params(args.params, "sequences")
-    remove_leftovers(args.out)
-    threads_from_env()  # a bad CHARRNN_THREADS fails before TensorFlow loads
-    with importing_tensorflow():  # TensorFlow takes ~10 s to load: params and server first
+    before_tensorflow(args.out)
+    with loading_tensorflow():
         from charrnn.sequences import build_sequences
-    quiet_python_logs()
-    configure_threads()
 
     manifest = build_sequences(args.vectorized, args.out, config.seq_length, config.shard_size_mb)
     for split, info in manifest["splits"].items():

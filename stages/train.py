@@ -6,9 +6,8 @@ from pathlib import Path
 
 from charrnn.config import as_flat_dict, load_params
 from charrnn.errors import UserError, exit_on_user_error
-from charrnn.files import remove_leftovers
-from charrnn.quiet import importing_tensorflow, quiet_python_logs
-from charrnn.threads import configure_cpu_replicas, configure_threads, cpu_replicas_from_env, threads_from_env
+from charrnn.prologue import before_tensorflow, loading_tensorflow
+from charrnn.threads import configure_cpu_replicas, cpu_replicas_from_env
 from charrnn.tracking import check_server
 
 
@@ -33,15 +32,10 @@ def main():
         raise UserError(f"{args.corpus} not found (written by `vectorize` since this version); "
                         "rerun `dvc repro vectorize`")
     corpus = json.loads(args.corpus.read_text(encoding="utf-8"))
-    remove_leftovers(args.model, args.history, args.run_info, *([args.steps] if args.steps else []))  # the checkpoint folder sweeps its own
-    check_server()
-    threads_from_env()  # a bad CHARRNN_THREADS (or CHARRNN_CPU_REPLICAS) fails before TensorFlow loads
-    cpu_replicas_from_env()
-    with importing_tensorflow():  # TensorFlow takes ~10 s to load: params and server first
+    # the checkpoint folder sweeps its own leftovers
+    before_tensorflow(args.model, args.history, args.run_info, args.steps, checks=[check_server, cpu_replicas_from_env])
+    with loading_tensorflow(configure_cpu_replicas):
         from charrnn.train import train
-    quiet_python_logs()
-    configure_threads()
-    configure_cpu_replicas()
     final = train(config, args.sequences, args.vocabulary, args.model, args.checkpoints, args.history,
                   mlflow_config.experiment, params, args.params, corpus, mlflow_config.registered_model,
                   args.run_info, args.steps)

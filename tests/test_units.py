@@ -19,7 +19,8 @@ from charrnn import corpus, sequences
 from charrnn.config import AUTO_BFLOAT16_MIN_SPEEDUP
 from charrnn.errors import UserError
 from charrnn.model import build_model
-from charrnn.vectorize import load_ids, vectorize
+from charrnn.artifacts import load_ids
+from charrnn.vectorize import vectorize
 from charrnn.vocabulary import Vocabulary
 from conftest import REPO, defaults
 

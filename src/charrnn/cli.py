@@ -131,15 +131,12 @@ def generate(args) -> None:
     options = replace(defaults.options, **{k: v for k, v in given.items() if v is not None})
     options.check()  # before TensorFlow and the model load
 
-    from charrnn.quiet import importing_tensorflow, quiet_python_logs
-    from charrnn.threads import configure_threads, threads_from_env
+    from charrnn.prologue import before_tensorflow, loading_tensorflow
 
-    quiet_python_logs()
-    threads_from_env()
-    with importing_tensorflow():
+    before_tensorflow()
+    with loading_tensorflow():
         from charrnn.generate import Generator
         from charrnn.model import load_model_dir
-    configure_threads()
 
     if model_path.startswith(("models:/", "runs:/")):
         import mlflow

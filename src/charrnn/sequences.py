@@ -9,7 +9,6 @@ training starts, not hours in.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,10 @@ import tensorflow as tf
 
 from charrnn import files
 from charrnn.errors import UserError
-from charrnn.vectorize import load_ids
+# load_manifest and shard_paths: read here through the contract, as train and evaluate read them
+from charrnn.artifacts import MANIFEST_FILE, load_ids, load_manifest, shard_paths  # noqa: F401
 
-MANIFEST_FILE = "manifest.json"
 FORMAT = "tf.train.Example{ids: int64[seq_length + 1]}"
-SPLITS = ("train", "val")
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -81,39 +79,6 @@ def build_sequences(vectorized_dir: Path, out_dir: Path, seq_length: int, shard_
 
 
 # ---- reading ---------------------------------------------------------------------------------
-
-
-def load_manifest(sequences_dir: Path) -> dict:
-    """Read the manifest and check that every shard it names exists with the recorded size."""
-    sequences_dir = Path(sequences_dir)
-    path = sequences_dir / MANIFEST_FILE
-    fix = "rerun `dvc repro --force sequences`"
-    if not path.is_file():
-        raise UserError(f"manifest not found: {path}; {fix}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        splits = manifest["splits"]
-        for split in SPLITS:
-            for shard in splits[split]["shards"]:
-                shard_path = sequences_dir / shard["file"]
-                if not shard_path.is_file():
-                    raise UserError(f"shard {shard_path} named in {path} is missing; {fix}")
-                size = shard_path.stat().st_size
-                if size != shard["bytes"]:
-                    raise UserError(
-                        f"shard {shard_path} is {size} bytes but the manifest says {shard['bytes']} "
-                        f"(truncated or replaced); {fix}"
-                    )
-            if sum(s["windows"] for s in splits[split]["shards"]) != splits[split]["windows"]:
-                raise UserError(f"{path}: shard counts of '{split}' do not add up; {fix}")
-        int(manifest["seq_length"]), int(manifest["vocab_size"])
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path} is not a valid manifest; {fix}") from None
-    return manifest
-
-
-def shard_paths(sequences_dir: Path, manifest: dict, split: str) -> list[str]:
-    return [str(Path(sequences_dir) / s["file"]) for s in manifest["splits"][split]["shards"]]
 
 
 def parse_windows(records: tf.data.Dataset, seq_length: int) -> tf.data.Dataset:

@@ -20,12 +20,10 @@ import numpy as np
 from charrnn import corpus, files
 from charrnn.config import DataConfig
 from charrnn.errors import UserError
-from charrnn.vocabulary import VOCABULARY_FILE, Vocabulary
+from charrnn.artifacts import CORPUS_FILE, TRAIN_IDS, VAL_IDS, VOCABULARY_FILE
+from charrnn.vocabulary import Vocabulary
 
 CHUNK_CHARS = 1 << 22  # 4 Mi characters per read: bounded memory, few Python round trips
-TRAIN_IDS = "train.npy"
-VAL_IDS = "val.npy"
-CORPUS_FILE = "corpus.json"  # what the corpus was: source, SHA-256, size (MLflow's dataset input)
 TEXT_CONTROLS = set("\t\n\v\f\r")
 MAX_CONTROL_SHARE = 0.01
 
@@ -137,15 +135,3 @@ def vectorize(config: DataConfig, out_dir: Path, cache_dir: Path) -> VectorizeRe
         val.flush()
         del train, val
     return VectorizeResult(vocabulary, train_chars, val_chars)
-
-
-def load_ids(vectorized_dir: Path) -> tuple[Vocabulary, np.ndarray, np.ndarray]:
-    """Read back the vocabulary and the (memory-mapped) train and val ids."""
-    vectorized_dir = Path(vectorized_dir)
-    vocabulary = Vocabulary.load(vectorized_dir / VOCABULARY_FILE)
-    try:
-        train = np.load(vectorized_dir / TRAIN_IDS, mmap_mode="r")
-        val = np.load(vectorized_dir / VAL_IDS, mmap_mode="r")
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read ids in {vectorized_dir} ({err}); rerun `dvc repro vectorize`") from None
-    return vocabulary, train, val

@@ -1,0 +1,38 @@
+"""What a stage does before its work, in the order that fails fastest: its leftovers swept, the
+environment and any given checks (the tracking server) passed in a second or less, and only then
+TensorFlow loaded (~10 s), quietly, with its thread pools set before its runtime starts.
+
+The checks are passed in, not imported here: every import of a stage is a rerun edge (dvc.yaml), and
+`sequences` must not rerun when the tracking code changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Iterable
+
+from charrnn.files import remove_leftovers
+from charrnn.quiet import importing_tensorflow, quiet_python_logs
+from charrnn.threads import configure_threads, threads_from_env
+
+
+def before_tensorflow(*outputs: Path | None, checks: Iterable[Callable[[], object]] = ()) -> None:
+    """Sweep ``outputs``' temporary leftovers, then run ``checks`` and read CHARRNN_THREADS (each
+    fails in one line before TensorFlow loads)."""
+    remove_leftovers(*[out for out in outputs if out is not None])
+    for check in checks:
+        check()
+    threads_from_env()
+
+
+@contextlib.contextmanager
+def loading_tensorflow(*configure: Callable[[], object]):
+    """Import TensorFlow in the block (its C++ start-up chatter filtered), then quiet MLflow's and
+    Keras' Python logs, set the thread pools and run ``configure`` (e.g. the logical CPUs)."""
+    with importing_tensorflow():
+        yield
+    quiet_python_logs()
+    configure_threads()
+    for step in configure:
+        step()
