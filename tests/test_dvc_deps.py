@@ -71,3 +71,28 @@ def test_the_import_scan_follows_function_level_and_transitive_imports(tmp_path)
     script = tmp_path / "s.py"
     script.write_text("def main():\n    from charrnn.sampling import SamplingOptions\n")
     assert imported_modules(script) == {"sampling"}
+
+
+@pytest.mark.slow
+def test_editing_the_presets_or_a_train_module_leaves_the_data_stages_up_to_date(trained_project, tmp_path):
+    """Every import is a rerun edge: the presets (the CLI's) rerun nothing, a module only train runs
+    reruns train alone, and the stage contract reruns every stage that reads it."""
+    import json
+
+    from conftest import copy_project, dvc
+
+    project = copy_project(trained_project, tmp_path / "project")
+
+    def stale_after_editing(relative: str) -> set[str]:
+        path = project / relative
+        original = path.read_text()
+        path.write_text(original + "\n# edited\n")
+        try:
+            return set(json.loads(dvc(project, "status", "--json").stdout))
+        finally:
+            path.write_text(original)
+
+    assert stale_after_editing("src/charrnn/cli.py") == set()
+    assert stale_after_editing("src/charrnn/train.py") == {"train"}
+    assert stale_after_editing("src/charrnn/batches.py") == {"train", "evaluate"}
+    assert stale_after_editing("src/charrnn/artifacts.py") == {"vectorize", "sequences", "train", "evaluate"}
