@@ -50,15 +50,36 @@ TINY_PARAMS = {
 }
 
 
-# The longest test files first: pytest-xdist (pyproject's addopts) hands out work in collection
-# order, so a long one started last would run alone at the end.
-FILE_ORDER = ("test_robustness.py", "test_team.py", "test_bad_input.py", "test_distributed.py",
-              "test_experiments.py", "test_pipeline.py", "test_lstm_cpu.py", "test_units.py", "test_generate.py")
+# The longest test files first: pytest-xdist (pyproject's addopts) hands out whole files in collection
+# order, so a long one started last would run alone at the end. The order is measured, not kept by
+# hand: `pytest --store-durations` writes each file's seconds (setup included) to durations.json;
+# a file it does not name yet goes first, as if it were the longest.
+DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--store-durations", action="store_true",
+                     help="write each test file's measured seconds to tests/durations.json (the run order)")
 
 
 def pytest_collection_modifyitems(items):
-    rank = {name: index for index, name in enumerate(FILE_ORDER)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    items.sort(key=lambda item: -seconds.get(item.path.name, float("inf")))  # stable: a file's own order is kept
+
+
+_measured: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    name = Path(report.nodeid.split("::")[0]).name
+    _measured[name] = _measured.get(name, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    if session.config.getoption("--store-durations") and not hasattr(session.config, "workerinput"):
+        seconds = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+        seconds.update({name: round(s, 1) for name, s in _measured.items()})  # the files this run measured
+        DURATIONS.write_text(json.dumps(dict(sorted(seconds.items())), indent=1) + "\n")
 
 
 def defaults(section: str, **changes):
