@@ -6,7 +6,7 @@ from pathlib import Path
 from charrnn.config import load_params
 from charrnn.errors import exit_on_user_error
 from charrnn.prologue import before_tensorflow, loading_tensorflow
-from charrnn.tracking import check_server
+from charrnn.tracking_store import check_server
 
 
 @exit_on_user_error

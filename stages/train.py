@@ -8,7 +8,7 @@ from charrnn.config import as_flat_dict, load_params
 from charrnn.errors import UserError, exit_on_user_error
 from charrnn.prologue import before_tensorflow, loading_tensorflow
 from charrnn.threads import configure_cpu_replicas, cpu_replicas_from_env
-from charrnn.tracking import check_server
+from charrnn.tracking_store import check_server
 
 
 @exit_on_user_error

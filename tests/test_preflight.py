@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from charrnn import tracking
+from charrnn import tracking_store as tracking
 from charrnn.errors import UserError
 from conftest import BIN, REPO
 
@@ -228,7 +228,7 @@ def test_a_bearer_token_server_lets_the_right_token_in_and_stops_a_wrong_one_in_
     assert tracking.server_answers()  # the server-down test during training asks with the token too
 
     # The whole set-up a stage does (a fresh process: setup points MLflow at the store for good).
-    code = "from charrnn import tracking; print(tracking.setup('preflight'))"
+    code = "from charrnn import tracking_store; print(tracking_store.setup('preflight'))"
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     import mlflow

@@ -141,7 +141,7 @@ def generate(args) -> None:
     if model_path.startswith(("models:/", "runs:/")):
         import mlflow
 
-        from charrnn import tracking
+        from charrnn import tracking_store as tracking
         from charrnn.serving import downloaded_model_dir
 
         tracking.check_server()
