@@ -596,8 +596,9 @@ def test_a_compiler_without_avx512fp16_options_still_builds_for_this_cpu(tmp_pat
     assert len(re.findall(rf"%{register}\d+", code)) > 100, f"no {register} code: a generic build"
 
 
-# ---- the seams into Keras and TensorFlow the fast path depends on ---------------------------------
-# Each fails loudly when an upgrade moves the seam, instead of the fast path silently switching off.
+# ---- the fast path inside fit's train step -------------------------------------------------------
+# Fails loudly when an upgrade takes the compiled ops out of fit; the canaries of the private seams
+# install goes through (inner_loop, supports_jit, XLA detection) are in test_seams.py.
 
 
 def fit_graph_ops(model, x, y) -> set:
@@ -646,34 +647,3 @@ def test_the_compiled_ops_are_in_fits_train_step(precision):
     lstm_cpu.uninstall(model.layers[2])  # the check can fail: Keras' own layer has no such op
     model.train_function = None
     assert "CharrnnLstmSequenceForward" not in fit_graph_ops(model, ids, ids)
-
-
-def test_install_replaces_the_inner_loop_that_keras_lstm_calls(monkeypatch):
-    """``install`` overrides ``LSTM.inner_loop`` on the instance; Keras' ``LSTM.call`` must go through it."""
-    calls = []
-    original = lstm_cpu.fused_lstm
-    monkeypatch.setattr(lstm_cpu, "fused_lstm", lambda *a, **k: calls.append(1) or original(*a, **k))
-    layer = keras.layers.LSTM(8, return_sequences=True)
-    lstm_cpu.install(layer)
-    layer(tf.zeros([2, 3, 4]))
-    assert calls == [1], "keras.layers.LSTM.call no longer calls inner_loop: the fused LSTM is not used"
-
-
-def test_xla_tracing_is_detected():
-    """The compiled ops cannot run under XLA; the check that says so reads a private TensorFlow module,
-    and falls back to "XLA" (TensorFlow's ops, slower) when it moves: this test says when it did."""
-    probe = lambda: tf.constant(lstm_cpu._tracing_for_xla())  # noqa: E731
-    assert not lstm_cpu._tracing_for_xla()
-    assert not bool(tf.function(probe)())
-    assert bool(tf.function(probe, jit_compile=True)())
-
-
-def test_keras_optimizers_all_reduce_through_the_method_the_distributed_step_replaces():
-    """The strategy loop hands Keras' optimizer gradients already summed over the replicas and
-    replaces ``_all_reduce_sum_gradients`` so that it does not sum them again after clipping."""
-    optimizer = keras.optimizers.AdamW(1e-3, clipnorm=1.0)
-    variable = keras.Variable([1.0, 2.0])
-    calls = []
-    optimizer._all_reduce_sum_gradients = lambda pairs: calls.append(1) or list(pairs)
-    optimizer.apply([tf.constant([0.5, 0.5])], [variable])
-    assert calls == [1], "Keras' optimizer no longer all-reduces through _all_reduce_sum_gradients"

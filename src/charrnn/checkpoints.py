@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import mlflow
 
-from charrnn import files, model as model_lib
+from charrnn import files, model as model_lib, seams
 from charrnn.config import TrainConfig
 from charrnn.errors import UserError
 from charrnn.faults import crash_point
@@ -53,23 +53,18 @@ def model_file(epoch: int) -> str:
     return f"epoch-{epoch:04d}.keras"
 
 
-def _random_layers(model: keras.Model) -> dict:
-    return {layer.name: layer for layer in model._flatten_layers(include_self=False)
-            if getattr(layer, "seed_generator", None) is not None}
-
-
 def seed_states(model: keras.Model) -> dict:
     """Where each layer that draws random numbers in training (dropout) stands in its stream.
     Keras does not save that state in the model file, so a resumed run would drop other units than
     the uninterrupted one; the checkpoint keeps it in ``state.json``."""
-    return {name: layer.seed_generator.state.numpy().tolist() for name, layer in _random_layers(model).items()}
+    return {name: seams.seed_state(layer) for name, layer in seams.random_layers(model).items()}
 
 
 def restore_seed_states(model: keras.Model, states: dict) -> None:
-    layers = _random_layers(model)
+    layers = seams.random_layers(model)
     for name, values in states.items():
         if name in layers:
-            layers[name].seed_generator.state.assign(values)
+            seams.set_seed_state(layers[name], values)
 
 
 class Checkpoints:

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from charrnn import seams
 from charrnn.batches import training_dataset
 from charrnn.errors import UserError
 from charrnn.faults import crash_point
@@ -88,11 +89,7 @@ def make_train_step(model, strategy, global_batch: int):
         with strategy.scope():
             optimizer.build(variables)
     for opt in {id(o): o for o in (optimizer, getattr(optimizer, "inner_optimizer", optimizer))}.values():
-        if not callable(getattr(type(opt), "_all_reduce_sum_gradients", None)):  # tested: test_lstm_cpu.py
-            raise RuntimeError(f"Keras {keras.__version__}'s optimizer no longer sums gradients in "
-                               "_all_reduce_sum_gradients, which the strategy loop replaces: install the "
-                               "Keras version of pyproject.toml")
-        opt._all_reduce_sum_gradients = list  # the gradients arrive summed over the replicas
+        seams.declare_gradients_summed(opt)  # the gradients arrive summed over the replicas
 
     @tf.function
     def train_step(iterator):

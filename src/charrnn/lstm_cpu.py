@@ -41,7 +41,7 @@ import os
 import keras
 import tensorflow as tf
 
-from charrnn import cell_ops
+from charrnn import cell_ops, seams
 from charrnn.model import lstm_cell
 
 __all__ = ["fused_lstm", "install", "install_model", "uninstall", "is_installed", "eligible"]
@@ -83,18 +83,9 @@ def fused_lstm(inputs, h0, c0, kernel, recurrent_kernel, bias, matmul_dtype=None
     mm_dtype = tf.as_dtype(matmul_dtype) if matmul_dtype is not None else dtype
     if compiled not in (True, False, "sequence", "cell"):
         raise ValueError(f"compiled must be True, False, 'sequence' or 'cell', not {compiled!r}")
-    ops = cell_ops.load() if compiled and dtype == tf.float32 and not _tracing_for_xla() else None
+    ops = cell_ops.load() if compiled and dtype == tf.float32 and not seams.in_xla_context() else None
     fused = _make_fused(mm_dtype, ops, sequence=compiled in (True, "sequence"))
     return fused(inputs, h0, c0, kernel, recurrent_kernel, bias)
-
-
-def _tracing_for_xla() -> bool:
-    """Whether the graph being built will be compiled by XLA (``jit_compile``): custom ops can't."""
-    try:
-        from tensorflow.python.ops import control_flow_util
-        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
-    except (ImportError, AttributeError):
-        return True  # cannot tell: TensorFlow's own ops are safe either way
 
 
 _FUSED_CACHE: dict = {}
@@ -268,7 +259,6 @@ def install(layer, *, force: bool = False, matmul_dtype=None, compiled: bool = T
         return True
     if _gpu_visible() and not force:
         return False
-    original = layer.inner_loop  # the bound method of the class
 
     def inner_loop(sequences, initial_state, mask, training=False):
         if isinstance(mask, (list, tuple)):
@@ -290,10 +280,11 @@ def install(layer, *, force: bool = False, matmul_dtype=None, compiled: bool = T
                                        cell.bias, matmul_dtype=matmul_dtype, compiled=compiled)
         return h, outputs, [h, c]
 
-    object.__setattr__(layer, _ATTR, (original, layer.supports_jit))
-    object.__setattr__(layer, "inner_loop", inner_loop)
+    supports_jit = seams.jit_compatible(layer)
+    original = seams.replace_lstm_inner_loop(layer, inner_loop)  # Keras' own, bound: the fallback above
+    object.__setattr__(layer, _ATTR, (original, supports_jit))
     if eligible(layer):
-        object.__setattr__(layer, "supports_jit", True)
+        seams.set_jit_compatible(layer, True)
     return True
 
 
@@ -345,8 +336,8 @@ def uninstall(layer) -> None:
     if not is_installed(layer):
         return
     _, supports_jit = layer.__dict__.pop(_ATTR)
-    del layer.__dict__["inner_loop"]
-    object.__setattr__(layer, "supports_jit", supports_jit)
+    seams.restore_lstm_inner_loop(layer)
+    seams.set_jit_compatible(layer, supports_jit)
 
 
 def install_model(model, **kwargs) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+from charrnn import seams
 from charrnn.sampling import SamplingOptions
 
 MODEL_DIR_ARTIFACT = "model_dir"
@@ -29,14 +30,12 @@ DEFAULTS = {name: getattr(SamplingOptions(), name) for name in ("length", "tempe
 PARAM_TYPES = {"length": "long", "temperature": "double", "top_k": "long", "seed": "long"}
 
 
-class TextGenerator(mlflow.pyfunc.PythonModel):
+# The explicit signature (below) validates inputs and params; MLflow's type-hint wrapper would only warn
+# that predict has no hints, at every import.
+class TextGenerator(seams.python_model_without_type_hints()):
     """``predict(primes)`` -> one generated text per prime, each starting with its prime. Loaded
     (``mlflow.pyfunc.load_model(uri).unwrap_python_model()``), ``.model`` is the Keras model
     (ids -> logits) and ``.vocabulary`` its vocabulary."""
-
-    # The explicit signature (below) validates inputs and params; MLflow's type-hint wrapper would
-    # only warn that predict has no hints, at every import.
-    _skip_type_hint_validation = True
 
     def load_context(self, context):
         from charrnn.generate import Generator
