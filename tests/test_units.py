@@ -204,9 +204,9 @@ def test_a_checkpoint_resumes_under_another_strategy_but_not_other_params():
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_lstm_arguments_stay_cudnn_compatible(num_layers):
     """On a GPU Keras runs the fused cuDNN kernel only for these argument values."""
-    from charrnn.model import lstm_layers
+    from charrnn.model import rnn_layers
 
-    for layer in lstm_layers(build_model(65, embedding_dim=8, rnn_units=16, num_layers=num_layers, dropout=0.1, cell="lstm")):
+    for layer in rnn_layers(build_model(65, embedding_dim=8, rnn_units=16, num_layers=num_layers, dropout=0.1, cell="lstm")):
         config = layer.get_config()
         assert config["activation"] == "tanh" and config["recurrent_activation"] == "sigmoid"
         assert config["recurrent_dropout"] == 0 and config["unroll"] is False and config["use_bias"] is True

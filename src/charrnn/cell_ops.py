@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from charrnn import machine
+from charrnn.errors import first_line
 
 SOURCE = Path(__file__).with_name("lstm_cpu_ops.cc")
 MARCH_ENV = "CHARRNN_OPS_MARCH"
@@ -63,8 +64,8 @@ def _compiler_identity(compiler: str | None) -> str:
         return "none"
     try:
         result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
-        version = (result.stdout or result.stderr).strip().splitlines()[0] if result.returncode == 0 else "?"
-    except (OSError, subprocess.SubprocessError, IndexError):
+        version = first_line(result.stdout or result.stderr, "unusable") if result.returncode == 0 else "?"
+    except (OSError, subprocess.SubprocessError):
         version = "unusable"
     return f"{shutil.which(compiler) or compiler}|{version}"
 

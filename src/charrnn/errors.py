@@ -19,6 +19,18 @@ class UserError(Exception):
     """
 
 
+def first_line(error: BaseException | str, default: str | None = None) -> str:
+    """The first non-blank line of ``error``'s message (or of a text), stripped: what a one-line
+    report quotes of a library's multi-line error. Without one, ``default``, else the exception's
+    class name (for a text, "")."""
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), None)
+    if line is not None:
+        return line
+    if default is not None:
+        return default
+    return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
 class Interrupted(KeyboardInterrupt):
     """The process received SIGINT or SIGTERM."""
 

@@ -108,9 +108,16 @@ def atomic_dir(path: str | os.PathLike):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def sha256_file(path, chunk_size: int = 1 << 20) -> str:
+def sha256_files(paths, chunk_size: int = 1 << 20) -> str:
+    """The SHA-256 (hex) of the files' contents read one after another, in ``paths``' order."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_size):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(chunk_size):
+                digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path) -> str:
+    """The SHA-256 (hex) of one file, as ``sha256sum`` prints it."""
+    return sha256_files([path])

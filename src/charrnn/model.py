@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 
 from charrnn import files
-from charrnn.errors import UserError
+from charrnn.errors import UserError, first_line
 from charrnn.vocabulary import VOCABULARY_FILE, Vocabulary
 
 MODEL_FILE = "model.keras"
@@ -125,10 +125,6 @@ def lstm_cell(z, c):
 def rnn_layers(model: keras.Model) -> list:
     """The recurrent layers (LSTM or GRU), input to output."""
     return [layer for layer in model.layers if isinstance(layer, (keras.layers.LSTM, keras.layers.GRU))]
-
-
-def lstm_layers(model: keras.Model) -> list:
-    return [layer for layer in model.layers if isinstance(layer, keras.layers.LSTM)]
 
 
 def learning_rate_schedule(learning_rate: float, total_steps: int, decay_fraction: float = 0.0):
@@ -254,8 +250,8 @@ def load_keras(path: Path, compile: bool = True) -> keras.Model:
     try:
         return keras.models.load_model(path, compile=compile, safe_mode=True)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} is not a loadable Keras model ({first[:200]}); retrain it with `dvc repro`") from None
+        raise UserError(f"{path} is not a loadable Keras model ({first_line(err)[:200]}); "
+                        "retrain it with `dvc repro`") from None
 
 
 def save_model_dir(model: keras.Model, vocabulary: Vocabulary, out_dir: Path) -> None:

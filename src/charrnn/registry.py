@@ -23,8 +23,9 @@ on that split's best.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+
+from charrnn import files
 
 CHAMPION = "champion"
 LOSS_TAG = "eval_val_loss"
@@ -33,12 +34,7 @@ SPLIT_TAG = "val_split"  # digest of the validation shards the loss was measured
 
 def split_digest(val_paths: list[Path]) -> str:
     """The validation split's identity: a digest of its shard files (corpus, split and windows)."""
-    digest = hashlib.sha256()
-    for path in val_paths:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+    return files.sha256_files(val_paths)[:16]
 
 
 def _loss(version) -> float | None:
