@@ -8,7 +8,6 @@ cached per machine kind under one folder, ``$XDG_CACHE_HOME/charrnn`` (``~/.cach
 from __future__ import annotations
 
 import atexit
-import contextlib
 import hashlib
 import os
 import platform
@@ -17,10 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-try:
-    import fcntl  # Linux and macOS; elsewhere the caches are used without a lock
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+import filelock
 
 
 def machine_kind() -> str:
@@ -66,11 +62,10 @@ def cache_dir() -> Path:
     return _cache[wanted]
 
 
-@contextlib.contextmanager
-def locked(path: Path):
-    """An exclusive lock on ``path`` (created if missing) across processes, for the block."""
+def locked(path: Path) -> filelock.FileLock:
+    """An exclusive lock on ``path`` (created if missing, its folder too) across processes, held
+    while a ``with`` block runs: ``flock`` on Linux and macOS, so a killed holder's lock goes with
+    its process. ``preserve_lock_file``: where ``flock`` is missing, fail (the caller's OSError
+    path) instead of filelock's marker-file fallback, which a killed holder would leave locked."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
-        yield
+    return filelock.FileLock(path, preserve_lock_file=True)
