@@ -8,9 +8,9 @@ multiplications. So ``auto`` measures what it decides about: the run's own train
 ``train.jit_compile``) in float32 and in mixed_bfloat16, and picks bfloat16 only when it is clearly
 faster (``config.AUTO_BFLOAT16_MIN_SPEEDUP``). It measures in a child process, so that nothing of the probe (traced
 functions, random state, thread pools) touches the training process: a run that measured and a run
-that read the cached verdict train the same bytes. The verdict is cached per kind of machine and
-shape (``~/.cache/charrnn/precision.json``), so every run there makes the same choice; it is printed
-and logged to MLflow.
+that read the cached verdict train the same bytes. The verdict is cached per kind of machine, shape
+and version of the fused LSTM's code (``~/.cache/charrnn/precision.json``), so every run there makes
+the same choice; it is printed and logged to MLflow.
 """
 
 from __future__ import annotations
@@ -22,10 +22,15 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from charrnn import files, machine
+from charrnn import cell_ops, files, machine
 from charrnn.config import AUTO_BFLOAT16_MIN_SPEEDUP
 
-KERNEL = "lstm_cpu-6"  # bumped when the fused kernel's speed changes: older verdicts are measured again
+# The code that decides the probe's speed beyond what the key names already (the shape, the processor,
+# TensorFlow's version): the compiled kernels and the Python that picks and drives them in each
+# precision. An edit to either times the step again. Not cell_ops.py (its compiler flags take effect
+# only with a new build, which the .cc's edit makes) nor model.py (its other layers are Keras',
+# versioned with TensorFlow; it changes for saving and loading): an edit there would re-time for nothing.
+SPEED_SOURCES = (cell_ops.SOURCE, Path(__file__).with_name("lstm_cpu.py"))
 POLICIES = ("float32", "mixed_bfloat16")
 ROUNDS = 3           # timed rounds per policy, interleaved float32 / bfloat16
 STEPS_PER_ROUND = 2  # train steps per timed round
@@ -34,6 +39,11 @@ PROBE_TIMEOUT_S = 900  # the child that times the train steps; a hung probe must
 
 def cache_file() -> Path:
     return machine.cache_dir() / "precision.json"
+
+
+def speed_sources_digest() -> str:
+    """A digest of ``SPEED_SOURCES``: verdicts are kept per version of the code they timed."""
+    return files.sha256_files(SPEED_SOURCES)[:16]
 
 
 def probe_shape(config, vocab_size: int, seq_length: int) -> dict:
@@ -140,7 +150,7 @@ def resolve(requested: str, config, vocab_size: int, seq_length: int) -> Resolve
         return Resolved(requested, "set in params.yaml")
     kind = machine.machine_kind()
     shape = probe_shape(config, vocab_size, seq_length)
-    key = f"{kind}|{KERNEL}|" + ",".join(f"{name}={value}" for name, value in shape.items())
+    key = f"{kind}|lstm_cpu-{speed_sources_digest()}|" + ",".join(f"{name}={value}" for name, value in shape.items())
     entry, kept = _verdict(key, shape, cache_file())
     if "error" in entry:
         return Resolved("float32", f"auto: a train step could not be timed in both precisions on this machine "
