@@ -11,8 +11,9 @@ Two final figures, both over the whole val split (the last 10% of the text):
 - ``val_loss``: the pipeline's metric (evaluate stage): independent windows of ``--seq-length``
   characters, each read from a zero state, so the first characters of every window are guessed
   with little context.
-- ``val_loss_stream``: the val text read as ``STREAM_EVAL`` contiguous streams with the LSTM state
-  carried across, as char-rnn evaluates: each character's loss given all the text before it.
+- ``val_loss_stream``: evaluate's ``eval_val_loss_carried``: the same val windows read as
+  ``CARRIED_STREAMS`` contiguous streams with the LSTM state carried across, as char-rnn evaluates:
+  each character's loss given all the text before it in its stream.
 
 When training ran in another precision than float32, ``val_loss_float32`` is the first figure again
 with the same (float32) weights read by a float32 model: what the precision costs at inference
@@ -50,12 +51,12 @@ import tensorflow as tf
 
 from charrnn import lstm_cpu, precision, sequences
 from charrnn.config import TrainConfig, load_params, replace
-from charrnn.model import compile_model, learning_rate_schedule, model_from_config, stateful_copy
+from charrnn.model import compile_model, learning_rate_schedule, model_from_config
 from charrnn.batches import training_dataset, validation_dataset
+from charrnn.evaluate import CARRIED_STREAMS, carried_state_loss
 from charrnn.train import configure_determinism
-from charrnn.vectorize import load_ids, vectorize
-
-STREAM_EVAL = 16
+from charrnn.artifacts import load_ids
+from charrnn.vectorize import vectorize
 
 
 def learning_rate_at(fraction: float, peak: float, args) -> float:
@@ -138,21 +139,6 @@ def stream_batches(ids: np.ndarray, batch_size: int, seq_length: int) -> tf.data
     return tf.data.Dataset.range(1 << 62).flat_map(one_pass).prefetch(tf.data.AUTOTUNE)
 
 
-def stream_loss(model: keras.Model, ids: np.ndarray, seq_length: int) -> float:
-    """Mean loss over ``ids`` read as STREAM_EVAL contiguous streams with the state carried."""
-    twin = stateful_copy(model, STREAM_EVAL)
-    ids = np.asarray(ids, dtype=np.int32)
-    per_stream = (len(ids) - 1) // STREAM_EVAL
-    rows = np.stack([ids[i * per_stream: (i + 1) * per_stream + 1] for i in range(STREAM_EVAL)])
-    per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-    step = tf.function(lambda x, y: tf.reduce_sum(per_token(y, twin(x, training=False))))
-    total = 0.0
-    for t in range(0, per_stream, seq_length):
-        chunk = rows[:, t: t + seq_length + 1]
-        total += float(step(tf.constant(chunk[:, :-1]), tf.constant(chunk[:, 1:])))
-    return total / (STREAM_EVAL * per_stream)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", required=True)
@@ -213,7 +199,8 @@ def main() -> None:
             calibration = new_model(config.batch_size if stateful else None)
             compile_model(calibration, config.learning_rate, config.clipnorm, jit_compile=args.jit_compile,
                           weight_decay=config.weight_decay)
-            probe_data = training_dataset(train_shards, args.seq_length, config, 0)
+            probe_data = training_dataset(train_shards, args.seq_length, 0, batch_size=config.batch_size,
+                                          shuffle_buffer=config.shuffle_buffer, seed=config.seed)
             # One fit, each step timed: a second fit would refill the shuffle buffer inside the timing
             # (that once made a run measure 3.9 steps/s for 6.4 and decay its rate 40% too early).
             timer = StepTimer()
@@ -241,16 +228,17 @@ def main() -> None:
         print(f"{model.count_params():,} parameters; {vectorized.train_chars:,} train / "
               f"{vectorized.val_chars:,} val chars; budget {args.minutes} min of training; "
               f"layout {args.layout}, lr decay over the last {args.lr_decay_fraction:.0%}, XLA {'on' if args.jit_compile else 'off'}", flush=True)
-        _, train_ids, val_ids = load_ids(tmp / "vec")
+        _, train_ids, _ = load_ids(tmp / "vec")
         if stateful:
             data = stream_batches(train_ids, config.batch_size, args.seq_length)
         else:
-            data = training_dataset(train_shards, args.seq_length, config, 0)
+            data = training_dataset(train_shards, args.seq_length, 0, batch_size=config.batch_size,
+                                    shuffle_buffer=config.shuffle_buffer, seed=config.seed)
         start = time.perf_counter()
         model.fit(data, epochs=1, steps_per_epoch=10**9, callbacks=[budget], verbose=0)
         wall = time.perf_counter() - start
         final = float(scorer(model).evaluate(val_ds, verbose=0))
-        final_stream = stream_loss(model, val_ids, args.seq_length)
+        final_stream, _ = carried_state_loss(model, tmp / "seq", CARRIED_STREAMS)
         final_float32 = None
         if config.precision != "float32":
             reader = new_model(precision="float32")
@@ -262,7 +250,7 @@ def main() -> None:
     print(f"final val loss {final:.4f} nats/char ({final / math.log(2):.4f} bits/char) over the whole val split "
           f"after {budget.trained:.0f} s of training ({steps} steps, {tokens:,} tokens, "
           f"{tokens / budget.trained:,.0f} tokens/s)" + (f"; the schedule was laid out over {total_steps}" if total_steps else ""))
-    print(f"final val loss with the state carried ({STREAM_EVAL} contiguous streams): {final_stream:.4f} nats/char "
+    print(f"final val loss with the state carried ({CARRIED_STREAMS} contiguous streams): {final_stream:.4f} nats/char "
           f"({final_stream / math.log(2):.4f} bits/char)")
     if final_float32 is not None:
         print(f"final val loss with the same weights read in float32: {final_float32:.4f} nats/char")

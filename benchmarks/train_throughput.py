@@ -229,7 +229,7 @@ def child_keras(args) -> dict:
 
     from charrnn import lstm_cpu, sequences
     from charrnn.batches import training_dataset
-    from charrnn.config import load_params, replace
+    from charrnn.config import load_params
     from charrnn.model import build_model, compile_model
 
     if args.deterministic:
@@ -242,10 +242,11 @@ def child_keras(args) -> dict:
                       [s["windows"] for s in manifest["splits"]["train"]["shards"]]))
     rng = np.random.default_rng(0)
     x = rng.integers(0, vocab, (batch, seq), dtype=np.int32)
+    train = load_params(ROOT / "params.yaml", "train")
     datasets = {
         "memory": lambda: tf.data.Dataset.from_tensors((x, np.roll(x, -1, axis=1))).repeat(),
-        "tfrecord": lambda: training_dataset(
-            shards, seq, replace(load_params(ROOT / "params.yaml", "train"), batch_size=batch), 0),
+        "tfrecord": lambda: training_dataset(shards, seq, 0, batch_size=batch, shuffle_buffer=train.shuffle_buffer,
+                                             seed=train.seed),
     }
 
     class EndTimes(keras.callbacks.Callback):
@@ -291,6 +292,8 @@ def child_keras(args) -> dict:
 def child_torch(args) -> dict:
     import torch
 
+    from charrnn.errors import first_line
+
     embedding, units, batch, seq, _ = CONFIGS[args.config]
     vocab = args.vocab
     torch.manual_seed(0)
@@ -330,7 +333,7 @@ def child_torch(args) -> dict:
             for _ in range(args.warmup):
                 step()
         except RuntimeError as err:  # oneDNN has no bf16 LSTM primitive on AVX2-only CPUs
-            failed[name] = str(err).splitlines()[0]
+            failed[name] = first_line(err)
             del steps[name]
     runs = {name: [] for name in steps}
     for _ in range(args.repeats):

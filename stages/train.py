@@ -35,10 +35,10 @@ def main():
     # the checkpoint folder sweeps its own leftovers
     before_tensorflow(args.model, args.history, args.run_info, args.steps, checks=[check_server, cpu_replicas_from_env])
     with loading_tensorflow(configure_cpu_replicas):
-        from charrnn.train import train
-    final = train(config, args.sequences, args.vocabulary, args.model, args.checkpoints, args.history,
-                  mlflow_config.experiment, params, args.params, corpus, mlflow_config.registered_model,
-                  args.run_info, args.steps)
+        from charrnn.train import TrainPaths, train
+    paths = TrainPaths(sequences=args.sequences, vocabulary=args.vocabulary, model=args.model,
+                       checkpoints=args.checkpoints, history=args.history, run_info=args.run_info, steps=args.steps)
+    final = train(config, paths, mlflow_config.experiment, params, args.params, corpus, mlflow_config.registered_model)
     if final is None:
         print("worker done (the chief writes the model and the MLflow run)")
         return

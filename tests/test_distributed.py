@@ -4,7 +4,6 @@ on two logical CPUs (CHARRNN_CPU_REPLICAS) trains as one device and resumes exac
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import shutil
@@ -241,7 +240,7 @@ def test_each_window_is_seen_once_per_pass_over_uneven_shards(tmp_path):
         for w in range(workers):
             pieces = worker_windows(shards, w, workers)
             per_pass = sum(take for _, _, take in pieces) // batch
-            stream = training_dataset(pieces, seq_length, defaults("train", batch_size=batch, shuffle_buffer=7, seed=3), 0)
+            stream = training_dataset(pieces, seq_length, 0, batch_size=batch, shuffle_buffer=7, seed=3)
             seen += [int(x[0]) // 2 for xs, _ in stream.take(per_pass) for x in xs.numpy()]
         assert len(seen) == len(set(seen)), f"{workers} workers: a window twice in one pass"
         assert 101 - len(seen) < workers * batch + workers, f"{workers} workers left out {101 - len(seen)}"
@@ -337,18 +336,18 @@ def test_per_replica_slices_of_each_step_are_the_single_device_batch(tmp_path):
     from charrnn.batches import training_dataset
     from charrnn.distribute import worker_windows
     from charrnn.sequences import write_shards
-    from conftest import defaults
 
     seq_length = 2
     info = write_shards(np.arange(2 * 101 + 1), seq_length, tmp_path, "train", shard_bytes=600)
     shards = [(str(tmp_path / s["file"]), s["windows"]) for s in info["shards"]]
     for replicas, global_batch in ((2, 8), (3, 12)):
-        config = defaults("train", batch_size=global_batch, shuffle_buffer=7, seed=3)
+        shuffling = dict(shuffle_buffer=7, seed=3)
         per_pass = 101 // global_batch
         for start in (0, 5, per_pass - 1, per_pass + 3):
-            single = [xs.numpy() for xs, _ in training_dataset(shards, seq_length, config, start).take(per_pass + 2)]
-            local = dataclasses.replace(config, batch_size=global_batch // replicas)
-            stream = training_dataset(worker_windows(shards, 0, 1), seq_length, local, start * replicas, replicas)
+            single = [xs.numpy() for xs, _ in
+                      training_dataset(shards, seq_length, start, batch_size=global_batch, **shuffling).take(per_pass + 2)]
+            stream = training_dataset(worker_windows(shards, 0, 1), seq_length, start * replicas,
+                                      batch_size=global_batch // replicas, replicas=replicas, **shuffling)
             parts = [xs.numpy() for xs, _ in stream.take((per_pass + 2) * replicas)]
             steps = [np.concatenate(parts[i:i + replicas]) for i in range(0, len(parts), replicas)]
             assert len(steps) == len(single)

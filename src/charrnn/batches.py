@@ -13,14 +13,15 @@ from charrnn import sequences
 from charrnn.config import TrainConfig
 
 
-def training_dataset(pieces, seq_length: int, config: TrainConfig, start_batch: int,
-                     replicas: int = 1) -> tf.data.Dataset:
-    """An endless stream of training batches of ``config.batch_size``, starting at batch
-    ``start_batch`` of the stream.
+def training_dataset(pieces, seq_length: int, start_batch: int, *, batch_size: int, shuffle_buffer: int,
+                     seed: int, replicas: int = 1) -> tf.data.Dataset:
+    """An endless stream of training batches of ``batch_size``, starting at batch ``start_batch`` of
+    the stream (``train.batch_size``, ``train.shuffle_buffer`` and ``train.seed`` on one device).
 
-    The stream is pass after pass over the windows, pass p shuffled with the seed (seed, p); an
-    epoch is the next ``steps_per_epoch`` steps of it (a full pass by default). ``pieces`` is a
-    list of (path, windows) (whole shards) or (path, skip, take) (a range of a shard's windows).
+    The stream is pass after pass over the windows, pass p shuffled in a buffer of ``shuffle_buffer``
+    windows with the seed (seed, p); an epoch is the next ``steps_per_epoch`` steps of it (a full
+    pass by default). ``pieces`` is a list of (path, windows) (whole shards) or (path, skip, take)
+    (a range of a shard's windows).
 
     ``replicas``: the batches one step takes (a strategy's replicas fed by this stream, each its
     batch in turn). A pass holds whole steps only, as many as one batch of ``replicas`` x
@@ -29,7 +30,6 @@ def training_dataset(pieces, seq_length: int, config: TrainConfig, start_batch: 
     """
     whole_files = all(len(p) == 2 for p in pieces)
     pieces = [(p[0], 0, p[1]) if len(p) == 2 else tuple(p) for p in pieces]
-    batch_size = config.batch_size
     # Whole steps per pass: per-replica batching alone would drop fewer windows and let a step
     # straddle two passes.
     batches_per_pass = sum(take for _, _, take in pieces) // (batch_size * replicas) * replicas
@@ -44,7 +44,7 @@ def training_dataset(pieces, seq_length: int, config: TrainConfig, start_batch: 
 
     def one_pass(index):
         return windows.shuffle(
-            config.shuffle_buffer, seed=config.seed * 1_000_003 + index, reshuffle_each_iteration=False
+            shuffle_buffer, seed=seed * 1_000_003 + index, reshuffle_each_iteration=False
         ).batch(batch_size, drop_remainder=True).take(batches_per_pass)
 
     first_pass, offset = divmod(start_batch, batches_per_pass)

@@ -10,7 +10,6 @@ under ``multi_worker`` it fails (keras-team/keras#20585).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import keras
@@ -125,12 +124,13 @@ def fit_distributed(model, strategy, config, train_shards, seq_length, val_ds, s
 
     def dataset_fn(context):
         pieces = worker_windows(train_shards, context.input_pipeline_id, context.num_input_pipelines)
-        local = dataclasses.replace(config, batch_size=context.get_per_replica_batch_size(config.batch_size))
+        batch_size = context.get_per_replica_batch_size(config.batch_size)
         replicas = replicas_total // context.num_input_pipelines  # batches this pipeline gives per step
-        if sum(take for _, _, take in pieces) < local.batch_size * replicas:
+        if sum(take for _, _, take in pieces) < batch_size * replicas:
             raise UserError(f"{context.num_input_pipelines} workers leave each fewer training windows than its "
                             f"share of train.batch_size={config.batch_size}; use fewer workers or a longer corpus")
-        return training_dataset(pieces, seq_length, local, initial_epoch * steps * replicas, replicas)
+        return training_dataset(pieces, seq_length, initial_epoch * steps * replicas, batch_size=batch_size,
+                                shuffle_buffer=config.shuffle_buffer, seed=config.seed, replicas=replicas)
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
