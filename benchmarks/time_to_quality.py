@@ -49,7 +49,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from charrnn import lstm_cpu, precision, sequences
+from charrnn import artifacts, lstm_cpu, precision, sequences
 from charrnn.config import TrainConfig, load_params, replace
 from charrnn.model import compile_model, learning_rate_schedule, model_from_config
 from charrnn.batches import training_dataset, validation_dataset
@@ -178,9 +178,9 @@ def main() -> None:
         tmp = Path(tmp)
         vectorized = vectorize(replace(data_defaults, source=args.corpus, sha256=None), tmp / "vec", tmp / "cache")
         manifest = sequences.build_sequences(tmp / "vec", tmp / "seq", args.seq_length, 32.0)
-        train_shards = [(p, s["windows"]) for p, s in zip(sequences.shard_paths(tmp / "seq", manifest, "train"),
+        train_shards = [(p, s["windows"]) for p, s in zip(artifacts.shard_paths(tmp / "seq", manifest, "train"),
                                                          manifest["splits"]["train"]["shards"])]
-        val_paths = sequences.shard_paths(tmp / "seq", manifest, "val")
+        val_paths = artifacts.shard_paths(tmp / "seq", manifest, "val")
         val_windows = manifest["splits"]["val"]["windows"]
         vocab_size = len(vectorized.vocabulary)
         policy, why, _ = precision.resolve(args.precision, config, vocab_size, args.seq_length)

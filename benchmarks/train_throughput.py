@@ -227,7 +227,7 @@ def child_keras(args) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from charrnn import lstm_cpu, sequences
+    from charrnn import artifacts, lstm_cpu
     from charrnn.batches import training_dataset
     from charrnn.config import load_params
     from charrnn.model import build_model, compile_model
@@ -236,9 +236,9 @@ def child_keras(args) -> dict:
         tf.config.experimental.enable_op_determinism()
     embedding, units, batch, seq, _ = CONFIGS[args.config]
     seq_dir = Path(args.workdir) / f"sequences-{seq}"
-    manifest = sequences.load_manifest(seq_dir)
+    manifest = artifacts.load_manifest(seq_dir)
     vocab = int(manifest["vocab_size"])
-    shards = list(zip(sequences.shard_paths(seq_dir, manifest, "train"),
+    shards = list(zip(artifacts.shard_paths(seq_dir, manifest, "train"),
                       [s["windows"] for s in manifest["splits"]["train"]["shards"]]))
     rng = np.random.default_rng(0)
     x = rng.integers(0, vocab, (batch, seq), dtype=np.int32)

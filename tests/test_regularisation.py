@@ -116,7 +116,8 @@ def test_the_carried_state_loss_reads_each_stream_as_one_sequence(tmp_path, cell
     """evaluate's ``eval_val_loss_carried`` equals the loss of the model run over each stream's whole
     text in one call (the state carried through), and differs from the windows' loss."""
     from charrnn.evaluate import carried_state_loss, validation_loss
-    from charrnn.sequences import build_sequences, load_manifest, shard_paths, windows_dataset
+    from charrnn.artifacts import load_manifest, shard_paths
+    from charrnn.sequences import build_sequences, windows_dataset
     from charrnn.vectorize import vectorize
 
     words = ["abba ", "cab ", "bad\n", "jig ", "hedge "]

@@ -15,8 +15,8 @@ import threading
 import numpy as np
 import pytest
 
-from charrnn import corpus, sequences
-from charrnn.config import AUTO_BFLOAT16_MIN_SPEEDUP
+from charrnn import artifacts, corpus, sequences
+from charrnn.precision import AUTO_BFLOAT16_MIN_SPEEDUP
 from charrnn.errors import UserError
 from charrnn.model import build_model
 from charrnn.artifacts import load_ids
@@ -110,11 +110,11 @@ def test_tfrecord_round_trip(tmp_path, corpus_text):
     seq_length = 50
     manifest = sequences.build_sequences(tmp_path / "vec", tmp_path / "seq", seq_length, shard_size_mb=0.02)
     _, train, val = load_ids(tmp_path / "vec")
-    loaded = sequences.load_manifest(tmp_path / "seq")
+    loaded = artifacts.load_manifest(tmp_path / "seq")
     assert loaded == manifest and loaded["seq_length"] == seq_length
     assert len(manifest["splits"]["train"]["shards"]) > 1  # the size target cut several shards
     for split, ids in (("train", train), ("val", val)):
-        paths = sequences.shard_paths(tmp_path / "seq", manifest, split)
+        paths = artifacts.shard_paths(tmp_path / "seq", manifest, split)
         read = np.stack([w.numpy() for w in sequences.windows_dataset(paths, seq_length)])
         n = (len(ids) - 1) // seq_length
         expected = np.stack([ids[k * seq_length:k * seq_length + seq_length + 1] for k in range(n)])

@@ -244,21 +244,3 @@ def replace(config, **changes):
     """``config`` with ``changes`` applied, validated by the same rules as params.yaml."""
     name = next(n for n, cls in SECTIONS.items() if isinstance(config, cls))
     return parse_section(name, {**dataclasses.asdict(config), **changes})
-
-
-# ---- fixed knobs -----------------------------------------------------------------------------
-# Values that change what a run records but are not worth a param. They live here, in one module
-# every stage depends on, so changing one reruns what it affects.
-
-# train.precision: auto trains in bfloat16 only when its measured train step is at least this many
-# times faster than float32's (below it, the speed-up does not pay for bfloat16's rounding).
-AUTO_BFLOAT16_MIN_SPEEDUP = 1.15
-
-# Windows per batch in evaluate's whole-split loss. Only the summation order depends on it.
-EVAL_BATCH = 64
-
-# The short sample logged to MLflow after every epoch (samples/epoch_NNN.txt): characters after
-# sample.prime, temperature and seed. Fixed so that epochs and runs compare.
-EPOCH_SAMPLE_LENGTH = 300
-EPOCH_SAMPLE_TEMPERATURE = 0.8
-EPOCH_SAMPLE_SEED = 0

@@ -19,20 +19,21 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from charrnn import files, lstm_cpu, model as model_lib, registry, sequences, tracking
-from charrnn.config import EVAL_BATCH, SampleConfig
+from charrnn import artifacts, files, lstm_cpu, model as model_lib, registry, sequences, tracking
+from charrnn.config import SampleConfig
 from charrnn.generate import Generator
 from charrnn.sampling import SamplingOptions
 from charrnn.batches import validation_dataset
 
 CARRIED_STREAMS = 16
+EVAL_BATCH = 64  # windows per batch of the whole-split loss: only the summation order depends on it
 
 
 def validation_loss(model, sequences_dir: Path, verbose: int = 1) -> tuple[float, int]:
     """Mean cross-entropy in nats/char over every val window, and the number of chars scored."""
-    manifest = sequences.load_manifest(sequences_dir)
+    manifest = artifacts.load_manifest(sequences_dir)
     seq_length = manifest["seq_length"]
-    paths = sequences.shard_paths(sequences_dir, manifest, "val")
+    paths = artifacts.shard_paths(sequences_dir, manifest, "val")
     lstm_cpu.install_model(model)  # the fast CPU LSTM (equal to Keras' within float round-off)
     model_lib.compile_model(model, learning_rate=1e-3)  # the loss only; nothing is trained
     windows = manifest["splits"]["val"]["windows"]
@@ -47,8 +48,8 @@ def carried_state_loss(model, sequences_dir: Path, streams: int = CARRIED_STREAM
     The same windows as ``validation_loss`` (the last ``windows mod streams`` left out; a val split of
     fewer windows than ``streams`` is read as one stream per window); returns the loss and the number
     of chars scored."""
-    manifest = sequences.load_manifest(sequences_dir)
-    paths = sequences.shard_paths(sequences_dir, manifest, "val")
+    manifest = artifacts.load_manifest(sequences_dir)
+    paths = artifacts.shard_paths(sequences_dir, manifest, "val")
     windows = np.concatenate([w.numpy() for w in sequences.windows_dataset(paths, manifest["seq_length"]).batch(4096)])
     streams = min(streams, len(windows))
     per_stream = len(windows) // streams
@@ -111,7 +112,7 @@ def evaluate(model_dir: Path, sequences_dir: Path, sample: SampleConfig, experim
         if step not in tracking.logged_steps(run_id, "eval_val_loss"):
             mlflow.log_metrics(metrics, step=step)
         versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
-        split = registry.split_digest(sequences.shard_paths(sequences_dir, sequences.load_manifest(sequences_dir), "val"))
+        split = registry.split_digest(artifacts.shard_paths(sequences_dir, artifacts.load_manifest(sequences_dir), "val"))
         champion = [registry.record_and_crown(v.name, v.version, val_loss, split) for v in versions]
         mlflow.log_text(text, f"samples/{sample_name(sample)}.txt")
         tracking.delete_tag(run_id, tracking.EVALUATE_ERROR_TAG)

@@ -6,7 +6,7 @@ the small widths CPU runs use, the per-step overhead of the recurrence weighs as
 multiplications. So ``auto`` measures what it decides about: the run's own train step (the model of
 ``params.yaml``, the fast CPU LSTM, the optimizer, at the run's batch and sequence length, with XLA if
 ``train.jit_compile``) in float32 and in mixed_bfloat16, and picks bfloat16 only when it is clearly
-faster (``config.AUTO_BFLOAT16_MIN_SPEEDUP``). It measures in a child process, so that nothing of the probe (traced
+faster (``AUTO_BFLOAT16_MIN_SPEEDUP``). It measures in a child process, so that nothing of the probe (traced
 functions, random state, thread pools) touches the training process: a run that measured and a run
 that read the cached verdict train the same bytes. The verdict is cached per kind of machine, shape
 and version of the fused LSTM's code (``~/.cache/charrnn/precision.json``), so every run there makes
@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 from charrnn import cell_ops, files, machine
-from charrnn.config import AUTO_BFLOAT16_MIN_SPEEDUP
 
 # The code that decides the probe's speed beyond what the key names already (the shape, the processor,
 # TensorFlow's version): the compiled kernels and the Python that picks and drives them in each
@@ -35,6 +34,10 @@ POLICIES = ("float32", "mixed_bfloat16")
 ROUNDS = 3           # timed rounds per policy, interleaved float32 / bfloat16
 STEPS_PER_ROUND = 2  # train steps per timed round
 PROBE_TIMEOUT_S = 900  # the child that times the train steps; a hung probe must not hang the training
+
+# auto trains in bfloat16 only when its measured train step is at least this many times faster than
+# float32's (below it, the speed-up does not pay for bfloat16's rounding).
+AUTO_BFLOAT16_MIN_SPEEDUP = 1.15
 
 
 def cache_file() -> Path:

@@ -16,8 +16,7 @@ import tensorflow as tf
 
 from charrnn import files
 from charrnn.errors import UserError
-# load_manifest and shard_paths: read here through the contract, as train and evaluate read them
-from charrnn.artifacts import MANIFEST_FILE, load_ids, load_manifest, shard_paths  # noqa: F401
+from charrnn.artifacts import MANIFEST_FILE, load_ids
 
 FORMAT = "tf.train.Example{ids: int64[seq_length + 1]}"
 

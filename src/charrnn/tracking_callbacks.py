@@ -29,9 +29,14 @@ import keras
 import mlflow
 
 from charrnn import tracking_outage
-from charrnn.config import EPOCH_SAMPLE_LENGTH, EPOCH_SAMPLE_SEED, EPOCH_SAMPLE_TEMPERATURE
 from charrnn.sampling import SamplingOptions
 from charrnn.vocabulary import Vocabulary
+
+# The short sample logged after every epoch (samples/epoch_NNN.txt): characters after the prime,
+# temperature and seed. Fixed so that epochs and runs compare.
+EPOCH_SAMPLE_LENGTH = 300
+EPOCH_SAMPLE_TEMPERATURE = 0.8
+EPOCH_SAMPLE_SEED = 0
 
 
 def optimizer_params(optimizer) -> dict:

@@ -20,13 +20,14 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from charrnn import files, lstm_cpu, model as model_lib, precision, sequences, tracking, training_run
+from charrnn import artifacts, files, lstm_cpu, model as model_lib, precision, sequences, tracking, training_run
 from charrnn.batches import steps_per_epoch, training_dataset, validation_dataset
 from charrnn.checkpoints import Checkpoints, EpochCheckpoint, resume_key
 from charrnn.config import TrainConfig
 from charrnn.distribute import fit_distributed, is_chief, make_strategy
 from charrnn.errors import UserError, first_line
 from charrnn.faults import crash_point
+from charrnn.sampling import DEFAULT_PRIME
 from charrnn.tracking_callbacks import EpochSamples, TrainingCurves
 from charrnn.vocabulary import Vocabulary
 
@@ -98,8 +99,8 @@ def check_data(manifest: dict, config: TrainConfig) -> None:
 def sample_prime(vocabulary: Vocabulary, val_paths: list[str], seq_length: int) -> str:
     """The per-epoch samples' prime: the tutorial's ``ROMEO: `` where the corpus has those
     characters, else the start of the validation text."""
-    if not vocabulary.unknown("ROMEO: "):
-        return "ROMEO: "
+    if not vocabulary.unknown(DEFAULT_PRIME):
+        return DEFAULT_PRIME
     first = next(iter(sequences.windows_dataset(val_paths[:1], seq_length)))
     return vocabulary.decode(first.numpy()[:16])
 
@@ -109,7 +110,7 @@ def sample_prime(vocabulary: Vocabulary, val_paths: list[str], seq_length: int) 
 
 def prepare_data(paths: TrainPaths, config: TrainConfig) -> tuple[dict, Vocabulary]:
     """The shards' manifest and the vocabulary, checked to fit each other and the batch size."""
-    manifest = sequences.load_manifest(paths.sequences)
+    manifest = artifacts.load_manifest(paths.sequences)
     vocabulary = Vocabulary.load(paths.vocabulary)
     if manifest["vocab_size"] != len(vocabulary):
         raise UserError(
@@ -174,9 +175,9 @@ def jit_fit(config: TrainConfig) -> bool:
 def datasets(paths: TrainPaths, manifest: dict, config: TrainConfig) -> TrainData:
     """The training shards and the validation batches scored after each epoch."""
     seq_length = manifest["seq_length"]
-    train_shards = list(zip(sequences.shard_paths(paths.sequences, manifest, "train"),
+    train_shards = list(zip(artifacts.shard_paths(paths.sequences, manifest, "train"),
                             [s["windows"] for s in manifest["splits"]["train"]["shards"]]))
-    val_paths = sequences.shard_paths(paths.sequences, manifest, "val")
+    val_paths = artifacts.shard_paths(paths.sequences, manifest, "val")
     val_ds = validation_dataset(val_paths, seq_length, config.batch_size, manifest["splits"]["val"]["windows"])
     if config.validation_steps:
         val_ds = val_ds.take(config.validation_steps)  # the same leading val batches every epoch
