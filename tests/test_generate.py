@@ -150,34 +150,3 @@ def test_refresh_loads_new_weights_without_a_new_generator(vocabulary):
     after = generator.next_char_probabilities(TEXT)
     np.testing.assert_array_equal(after, Generator(second, vocabulary).next_char_probabilities(TEXT))
     assert np.abs(after - before).max() > 1e-4  # untrained: near-uniform, yet 2% apart
-
-
-def test_generate_takes_its_defaults_from_the_project_else_from_one_constant(tmp_path, monkeypatch, capsys):
-    """In a project, `charrnn generate` defaults to dvc.yaml's model folder and params.yaml's sample
-    section; elsewhere to charrnn.sampling's constants, with --model required (one line if missing)."""
-    import shutil
-
-    import yaml
-
-    from charrnn.cli import GenerateDefaults, generate_defaults, main
-    from charrnn.sampling import DEFAULT_PRIME, SamplingOptions
-    from charrnn.serving import DEFAULTS
-    from conftest import REPO
-
-    assert generate_defaults(tmp_path) == GenerateDefaults(None, DEFAULT_PRIME, SamplingOptions())
-    assert DEFAULTS == {k: getattr(SamplingOptions(), k) for k in ("length", "temperature", "top_k", "seed")}
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["sample"].update(prime="KING: ", length=33, seed=5)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    project = generate_defaults(tmp_path)
-    assert project.model == yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"][0]["paths"]["model"]
-    assert project.prime == "KING: " and project.options.length == 33 and project.options.seed == 5
-    assert project.options.temperature == params["sample"]["temperature"]
-
-    monkeypatch.chdir(tmp_path / "..")
-    with pytest.raises(SystemExit) as exit_:
-        main(["generate"])
-    assert exit_.value.code == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("error: no --model given") and "--model" in line

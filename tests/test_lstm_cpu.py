@@ -629,7 +629,7 @@ def fit_graph_ops(model, x, y) -> set:
 def test_the_compiled_ops_are_in_fits_train_step(precision):
     """Where a compiler is installed, ``fit()``'s traced train step runs the compiled whole-sequence
     ops (both directions), not a TensorFlow loop."""
-    from charrnn.model import build_model, compile_model
+    from charrnn.model import build_model
 
     if shutil.which(os.environ.get("CXX") or "g++") is None:
         missing_prerequisite("no C++ compiler here: TensorFlow's ops run (tested above)")

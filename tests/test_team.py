@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, copy_project, dvc, make_project, missing_prerequisite, run, wait_for_queue
+from conftest import BIN, copy_project, dvc, missing_prerequisite, run, wait_for_queue
 
 pytestmark = pytest.mark.slow
 
