@@ -54,16 +54,6 @@ def preset_arguments(name: str) -> list[str]:
     return out
 
 
-def preset_arguments(name: str) -> list[str]:
-    """The preset as ``dvc exp run`` arguments: ``["-S", "train.batch_size=64", ...]``."""
-    if name not in PRESETS:
-        raise UserError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
-    out = []
-    for key, value in PRESETS[name].items():
-        out += ["-S", f"{key}={'null' if value is None else value}"]
-    return out
-
-
 # ---- generate's defaults ----------------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ the same layers, so one trained model generates at any batch size without a stat
 from __future__ import annotations
 
 import json
-import tempfile
 import zipfile
 from pathlib import Path
 
