@@ -48,7 +48,7 @@ def variants(embedding: int, units: int, batch: int, seq: int, mm_dtype) -> dict
     import numpy as np
     import tensorflow as tf
 
-    from charrnn import cell_ops, lstm_cpu
+    from charrnn import cell_ops, lstm_fused
 
     rng = np.random.default_rng(0)
     args = [tf.constant(rng.normal(0, s, shape).astype(np.float32)) for s, shape in (
@@ -60,7 +60,7 @@ def variants(embedding: int, units: int, batch: int, seq: int, mm_dtype) -> dict
         def step(*a, compiled=compiled):
             with tf.GradientTape() as tape:
                 tape.watch(a)
-                o, h, c = lstm_cpu.fused_lstm(*a, matmul_dtype=mm_dtype, compiled=compiled)
+                o, h, c = lstm_fused.fused_lstm(*a, matmul_dtype=mm_dtype, compiled=compiled)
                 loss = tf.reduce_sum(o) + tf.reduce_sum(h) + tf.reduce_sum(c)
             return tape.gradient(loss, a)
         out[name] = lambda step=step: [g.numpy() for g in step(*args)]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from charrnn import cell_ops, lstm_cpu
+from charrnn import cell_ops, lstm_cpu, lstm_fused
 
 # The fused kernel sums the same terms in another order (input projection of all steps first):
 # float32 round-off only, measured ~1e-7 relative on these shapes. A wrong gate, transpose or
@@ -390,7 +390,7 @@ def lstm_args(rng, units=48, n_in=12, batch=13, steps=9):
 def fused_values_and_gradients(args, weights, matmul_dtype, compiled):
     with tf.GradientTape() as tape:
         tape.watch(args)
-        results = lstm_cpu.fused_lstm(*args, matmul_dtype=matmul_dtype, compiled=compiled)
+        results = lstm_fused.fused_lstm(*args, matmul_dtype=matmul_dtype, compiled=compiled)
         if matmul_dtype is not None:  # as install() returns them: in the compute dtype
             results = [tf.cast(tf.cast(r, matmul_dtype), tf.float32) for r in results]
         loss = tf.add_n([tf.reduce_sum(r * w) for r, w in zip(results, weights)])
@@ -544,14 +544,14 @@ def test_cell_ops_that_cannot_be_built_leave_one_note_and_tensorflow_ops(tmp_pat
     Another compiler (the advised fix) builds in the same cache."""
     script = textwrap.dedent("""
         import numpy as np, tensorflow as tf
-        from charrnn import cell_ops, lstm_cpu
+        from charrnn import cell_ops, lstm_fused
         rng = np.random.default_rng(0)
         args = [tf.constant(rng.normal(0, 0.3, s).astype(np.float32))
                 for s in ((2, 4, 3), (2, 8), (2, 8), (3, 32), (8, 32), (32,))]
-        first = lstm_cpu.fused_lstm(*args)[0]
-        second = lstm_cpu.fused_lstm(*args)[0]
+        first = lstm_fused.fused_lstm(*args)[0]
+        second = lstm_fused.fused_lstm(*args)[0]
         assert cell_ops.load() is None
-        np.testing.assert_array_equal(first, lstm_cpu.fused_lstm(*args, compiled=False)[0])
+        np.testing.assert_array_equal(first, lstm_fused.fused_lstm(*args, compiled=False)[0])
         print("ok")
     """)
     env = {**os.environ, "CXX": "/bin/false", "XDG_CACHE_HOME": str(tmp_path)}  # a compiler that always fails
