@@ -29,7 +29,7 @@ from charrnn import cell_ops, files, machine
 # precision. An edit to either times the step again. Not cell_ops.py (its compiler flags take effect
 # only with a new build, which the .cc's edit makes) nor model.py (its other layers are Keras',
 # versioned with TensorFlow; it changes for saving and loading): an edit there would re-time for nothing.
-SPEED_SOURCES = (cell_ops.SOURCE, Path(__file__).with_name("lstm_cpu.py"))
+SPEED_SOURCES = (cell_ops.SOURCE, *(Path(__file__).with_name(name) for name in ("lstm_cpu.py", "lstm_fused.py")))
 POLICIES = ("float32", "mixed_bfloat16")
 ROUNDS = 3           # timed rounds per policy, interleaved float32 / bfloat16
 STEPS_PER_ROUND = 2  # train steps per timed round
