@@ -175,7 +175,7 @@ def test_mlflow_leaves_predict_unwrapped_for_a_model_with_a_signature():
     hints) unless the class has ``_skip_type_hint_validation``."""
     import mlflow
 
-    from charrnn.serving import TextGenerator
+    from charrnn.served_model import TextGenerator
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

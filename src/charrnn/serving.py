@@ -1,7 +1,7 @@
 """The registered MLflow model: a prime in, generated text out, without this package's CLI.
 
-Logged as an MLflow "model from code" (this file is the model's code; nothing is pickled) with the
-trained model folder (``model.keras`` + ``vocabulary.json``) as its artifact, so
+Logged as an MLflow "model from code" (``served_model.py`` is the model's code; nothing is pickled)
+with the trained model folder (``model.keras`` + ``vocabulary.json``) as its artifact, so
 
     mlflow.pyfunc.load_model("models:/charrnn/3").predict(["ROMEO: "], params={"length": 200})
 
@@ -21,34 +21,12 @@ import numpy as np
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-from charrnn import seams
 from charrnn.sampling import SamplingOptions
 
 MODEL_DIR_ARTIFACT = "model_dir"
 # predict's params and their defaults (charrnn.sampling's; one text per prime, so no num_samples)
 DEFAULTS = {name: getattr(SamplingOptions(), name) for name in ("length", "temperature", "top_k", "seed")}
 PARAM_TYPES = {"length": "long", "temperature": "double", "top_k": "long", "seed": "long"}
-
-
-# The explicit signature (below) validates inputs and params; MLflow's type-hint wrapper would only warn
-# that predict has no hints, at every import.
-class TextGenerator(seams.python_model_without_type_hints()):
-    """``predict(primes)`` -> one generated text per prime, each starting with its prime. Loaded
-    (``mlflow.pyfunc.load_model(uri).unwrap_python_model()``), ``.model`` is the Keras model
-    (ids -> logits) and ``.vocabulary`` its vocabulary."""
-
-    def load_context(self, context):
-        from charrnn.generate import Generator
-        from charrnn.model import load_model_dir
-
-        self.model, self.vocabulary = load_model_dir(Path(context.artifacts[MODEL_DIR_ARTIFACT]))
-        self.generator = Generator(self.model, self.vocabulary)
-
-    def predict(self, context, model_input, params=None):
-        options = {**DEFAULTS, **(params or {})}
-        sampling = SamplingOptions(int(options["length"]), float(options["temperature"]), int(options["top_k"]),
-                                   1, int(options["seed"]))
-        return [self.generator.generate(prime, sampling)[0] for prime in primes_of(model_input)]
 
 
 def primes_of(model_input) -> list[str]:
@@ -73,7 +51,7 @@ def log_text_generator(model_dir: Path, registered_name: str | None, pip_require
     """Log the text generator (registering it under ``registered_name``); returns the ModelInfo."""
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=str(Path(__file__)),
+        python_model=str(Path(__file__).with_name("served_model.py")),
         artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
         signature=signature(),
         registered_model_name=registered_name,
@@ -88,13 +66,13 @@ DOWNLOAD_PREFIX = "charrnn-model-"  # a temporary download of a logged model (re
 def downloaded_model_dir(uri: str):
     """``models:/name/version`` or ``runs:/id/model`` -> a local model folder (model.keras + vocabulary),
     in a temporary folder removed when the block ends, on success or failure."""
-    from charrnn.errors import UserError
+    from charrnn.errors import UserError, first_line
 
     with tempfile.TemporaryDirectory(prefix=DOWNLOAD_PREFIX) as target:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target))
         except Exception as err:  # MLflow raises its own exception types for a missing model or run
-            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            first = first_line(err)
             raise UserError(f"cannot fetch {uri} from MLflow ({first[:200]}); check the name/version or run id "
                             "(`mlflow ui` lists them) and MLFLOW_TRACKING_URI") from None
         found = sorted(p.parent for p in local.rglob("model.keras") if (p.parent / "vocabulary.json").is_file())
@@ -103,5 +81,3 @@ def downloaded_model_dir(uri: str):
                             "`model` of a charrnn training run or a version of the registered model")
         yield found[0]
 
-
-mlflow.models.set_model(TextGenerator())

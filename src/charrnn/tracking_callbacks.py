@@ -31,6 +31,7 @@ import mlflow
 from charrnn import tracking_outage
 from charrnn.sampling import SamplingOptions
 from charrnn.vocabulary import Vocabulary
+from charrnn.errors import first_line
 
 # The short sample logged after every epoch (samples/epoch_NNN.txt): characters after the prime,
 # temperature and seed. Fixed so that epochs and runs compare.
@@ -79,7 +80,7 @@ class TrackingCallback(keras.callbacks.Callback):
             return True
         except Exception as err:  # noqa: BLE001 - the module's error policy
             if not tracking_outage.logging_failed(err):
-                first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+                first = first_line(err, "")
                 print(f"warning: MLflow: {what} not logged ({type(err).__name__}: {first[:300]}); "
                       "training goes on", file=sys.stderr, flush=True)
             return False

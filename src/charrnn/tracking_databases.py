@@ -10,7 +10,7 @@ import os
 import urllib.parse
 from pathlib import Path
 
-from charrnn.errors import UserError
+from charrnn.errors import UserError, first_line
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -71,7 +71,7 @@ def check_database(uri: str) -> None:
             pass
     except Exception as err:  # noqa: BLE001 - refused, unknown role or database, bad password...
         cause = getattr(err, "orig", None) or err
-        first = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+        first = first_line(cause)
         raise UserError(f"MLflow store {shown} cannot be used ({type(cause).__name__}: {first[:200]}); "
                         "fix or unset MLFLOW_TRACKING_URI") from None
     finally:

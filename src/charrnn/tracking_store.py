@@ -13,8 +13,9 @@ import subprocess
 from pathlib import Path
 
 from charrnn import seams
-from charrnn.errors import UserError
+from charrnn.errors import UserError, first_line
 from charrnn.tracking_databases import check_database, check_sqlite_file, fix_hint
+from charrnn.urls import is_http_url
 
 # mlflow is imported where it is used: `check_server` runs before the heavy imports of a stage
 # (for a tracking server it imports MLflow's client, never TensorFlow).
@@ -62,7 +63,7 @@ TLS_FIX = ("set MLFLOW_TRACKING_SERVER_CERT_PATH to the CA certificate (PEM) tha
 
 
 def _is_server(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
+    return is_http_url(uri)
 
 
 def _causes(err: BaseException) -> list[BaseException]:
@@ -104,7 +105,7 @@ def _transport_error(uri: str, err: Exception, timeout: float) -> UserError:
 
     chain = _causes(err)
     innermost = chain[-1]
-    reason = next((line.strip() for line in str(innermost).splitlines() if line.strip()), type(innermost).__name__)
+    reason = first_line(innermost)
     if any(isinstance(e, (requests.exceptions.SSLError, ssl.SSLError)) for e in chain):
         verify = next((e for e in chain if isinstance(e, ssl.SSLCertVerificationError)), None)
         if verify is None:
@@ -153,7 +154,7 @@ def _answer_error(uri: str, response, endpoint: str, method: str) -> UserError |
         return UserError(f"MLflow tracking server {uri} denied {who} access ({status}); ask the server's "
                          "admin for permission (README, Team setup)")
     if mlflow_answer and "error_code" in body:  # MLflow itself failed (its database is down...)
-        message = next((line.strip() for line in str(body.get("message", "")).splitlines() if line.strip()), "")
+        message = first_line(str(body.get("message", "")))
         return UserError(f"MLflow tracking server {uri} answers with an error ({status}: "
                          f"{body['error_code']} {message[:200]}); see the server's log")
     if code in (502, 503, 504):  # a proxy in front of a server that is down
@@ -221,7 +222,7 @@ def setup(experiment_name: str) -> str:
     from_env = "MLFLOW_TRACKING_URI" in os.environ  # before MLflow sets it itself
     check_server()
     check_database(uri)
-    if uri.startswith(("http://", "https://")):
+    if is_http_url(uri):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", SERVER_RETRIES)
     try:
         mlflow.set_tracking_uri(uri)
@@ -245,7 +246,7 @@ def setup(experiment_name: str) -> str:
             "mlflow.experiment.primaryMetric.greaterIsBetter": "false",
         }
         client = mlflow.MlflowClient()
-        if uri.startswith(("http://", "https://")):
+        if is_http_url(uri):
             _check_can_write(experiment.experiment_id, experiment_name)
         for key, value in wanted.items():
             if experiment.tags.get(key) != value:
@@ -254,7 +255,7 @@ def setup(experiment_name: str) -> str:
     except UserError:
         raise
     except Exception as err:  # the store's own failure (driver missing, not a database, bad scheme...)
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = first_line(err)
         raise UserError(f"MLflow store {uri} cannot be used ({type(err).__name__}: {first[:200]}); "
                         f"{fix_hint(from_env)}") from None
 
