@@ -27,7 +27,11 @@ CHATTER = re.compile(
 
 @contextlib.contextmanager
 def importing_tensorflow():
-    """Filter fd 2 (C++ writes there directly) while the block imports TensorFlow/Keras."""
+    """Filter fd 2 (C++ writes there directly) while the block imports TensorFlow/Keras, and keep
+    TensorFlow's C++ log to errors that matter from then on (``TF_CPP_MIN_LOG_LEVEL=3`` unless set:
+    its CPU feature notes and "failed call to cuInit" on machines without a GPU hide the lines that
+    matter; set it to 0 to see them again)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as capture:

@@ -24,8 +24,11 @@ class TextGenerator(seams.python_model_without_type_hints()):
     (ids -> logits) and ``.vocabulary`` its vocabulary."""
 
     def load_context(self, context):
-        from charrnn.generate import Generator
-        from charrnn.model import load_model_dir
+        from charrnn.quiet import importing_tensorflow
+
+        with importing_tensorflow():
+            from charrnn.generate import Generator
+            from charrnn.model import load_model_dir
 
         self.model, self.vocabulary = load_model_dir(Path(context.artifacts[MODEL_DIR_ARTIFACT]))
         self.generator = Generator(self.model, self.vocabulary)
