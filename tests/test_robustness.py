@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import BIN, SYSTEM_METRICS_EVERY_SECOND, copy_project, dvc, run
+from conftest import BIN, SYSTEM_METRICS_EVERY_SECOND, copy_project, dvc, run, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -308,17 +308,9 @@ def test_a_failing_stage_marks_its_run_failed(trained_base):
     assert not (project / "models/char_rnn").exists()
 
 
-def _repro_killed_at(trained_base, name: str, crash: str):
-    """A copy of the base whose `dvc repro` was killed at ``crash`` in train, then `dvc repro` again."""
-    root, base = trained_base
-    project = root / name
-    shutil.copytree(base, project)
-    killed = dvc(project, "repro", env={**SYSTEM_METRICS_EVERY_SECOND, "CHARRNN_CRASH_AT": crash}, check=False)
-    assert killed.returncode != 0, killed.stdout[-2000:]
-    runs_after_kill = _runs(project)
-    rerun = dvc(project, "repro", env=SYSTEM_METRICS_EVERY_SECOND)
-    assert dvc(project, "status").stdout.strip() == "Data and pipelines are up to date."
-    return project, runs_after_kill, rerun
+def _repro(project, crash: str | None = None):
+    env = {**SYSTEM_METRICS_EVERY_SECOND, **({"CHARRNN_CRASH_AT": crash} if crash else {})}
+    return dvc(project, "repro", env=env, check=crash is None)
 
 
 def _one_version_per_run_and_none_running(project) -> list:
@@ -330,21 +322,28 @@ def _one_version_per_run_and_none_running(project) -> list:
     return runs
 
 
-def test_a_repro_killed_mid_training_resumes_into_one_run_and_one_version(trained_base):
-    project, after_kill, rerun = _repro_killed_at(trained_base, "repro-mid", "checkpoint-state-written@2")
-    assert [r.info.status for r in after_kill] == ["RUNNING"]
-    assert "resuming from epoch 2" in rerun.stdout + rerun.stderr
+def test_dvc_repro_killed_mid_training_then_after_the_checkpoint_is_cleared_keeps_one_true_record(trained_base):
+    """Through `dvc repro`, as a user reruns it: killed mid-training, the rerun resumes into the same
+    run and version; killed again at the stage's last instant (the run ended, the checkpoint cleared,
+    but DVC saw the stage fail), the next rerun trains again as a second run with its own version.
+    No run is left RUNNING, and the pipeline ends up to date."""
+    root, base = trained_base
+    project = root / "repro-kills"
+    shutil.copytree(base, project)
+    write_params(project, {"train": {"epochs": 2, "steps_per_epoch": 6}})
+
+    assert _repro(project, "checkpoint-state-written@1").returncode != 0
+    (first,) = _runs(project)
+    assert first.info.status == "RUNNING"
+
+    resumed = _repro(project, "checkpoint-cleared")
+    assert resumed.returncode != 0 and "resuming from epoch 1" in resumed.stdout + resumed.stderr
     (finished,) = _one_version_per_run_and_none_running(project)
-    assert finished.info.run_id == after_kill[0].info.run_id
-    assert len((project / "metrics/history.csv").read_text().splitlines()) == 5  # header + 4 epochs
+    assert finished.info.run_id == first.info.run_id
+    assert json.loads((project / "checkpoints/train/state.json").read_text()).get("model_file") is None
 
-
-def test_a_repro_killed_after_the_checkpoint_is_cleared_leaves_a_finished_run_and_retrains(trained_base):
-    """The last instant of the stage: the run has ended and the checkpoint is idle, but DVC saw the
-    stage fail, so the rerun trains again: a second run with its own version, none left RUNNING."""
-    project, after_kill, rerun = _repro_killed_at(trained_base, "repro-cleared", "checkpoint-cleared")
-    (first,) = after_kill
-    assert first.info.status == "FINISHED"
-    assert "resuming" not in rerun.stdout + rerun.stderr
+    again = _repro(project)
+    assert "resuming" not in again.stdout + again.stderr
     runs = _one_version_per_run_and_none_running(project)
     assert len(runs) == 2 and first.info.run_id in {r.info.run_id for r in runs}
+    assert dvc(project, "status").stdout.strip() == "Data and pipelines are up to date."
