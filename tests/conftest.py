@@ -76,6 +76,9 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session):
+    option = session.config.option
+    if option.markexpr or option.keyword:  # a file measured in part would be put too late
+        return
     if session.config.getoption("--store-durations") and not hasattr(session.config, "workerinput"):
         seconds = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
         seconds.update({name: round(s, 1) for name, s in _measured.items()})  # the files this run measured
