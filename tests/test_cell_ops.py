@@ -10,25 +10,19 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from charrnn import cell_ops, lstm_fused
+from test_lstm_cpu import missing_prerequisite, rel_err
 
 
 
-def missing_prerequisite(what: str):
-    from conftest import missing_prerequisite  # not at import: subprocesses import this module outside pytest
-
-    missing_prerequisite(what)
-
-
-def rel_err(a, b) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+# The subprocesses below import this module's helpers as pytest does: the tests folder on the path.
+TESTS_ON_PATH = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture
@@ -106,7 +100,7 @@ def sequence_in_subprocess(tmp_path, args, weights, matmul_dtype, env=None, thre
         import numpy as np, tensorflow as tf
         if {threads!r} is not None:
             tf.config.threading.set_intra_op_parallelism_threads({threads!r})
-        from tests.test_cell_ops import fused_values_and_gradients
+        from test_cell_ops import fused_values_and_gradients
         data = np.load({str(tmp_path / "args.npz")!r})
         arrays = [tf.constant(data[f"arr_{{i}}"]) for i in range(len(data.files))]
         dtype = None if {matmul_dtype!r} is None else tf.as_dtype({matmul_dtype!r})
@@ -115,7 +109,7 @@ def sequence_in_subprocess(tmp_path, args, weights, matmul_dtype, env=None, thre
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **TESTS_ON_PATH, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = np.load(tmp_path / "out.npz")
     return [out[f"arr_{i}"] for i in range(len(out.files))]
@@ -163,14 +157,14 @@ def test_sequence_ops_built_for_avx2_match_tensorflow_ops_and_build_once(compile
     this machine's build (above); the library says it was built for AVX2 and the run's kernel line
     says so. Two processes asking for it at once build it once (the other waits and loads it)."""
     if "avx2" not in open("/proc/cpuinfo").read():
-        pytest.skip("no AVX2 on this machine")
+        missing_prerequisite("no AVX2 on this machine (every machine the project runs CI on has it)")
     script = textwrap.dedent("""
         import os, sys, time
         from pathlib import Path
         import numpy as np, tensorflow as tf
         from charrnn import cell_ops, lstm_cpu
         from charrnn.model import build_model
-        from tests.test_cell_ops import fused_values_and_gradients, lstm_args, rel_err
+        from test_cell_ops import fused_values_and_gradients, lstm_args, rel_err
         barrier = Path(sys.argv[1])
         (barrier / str(os.getpid())).touch()
         while len(list(barrier.iterdir())) < 2:  # both ask for the build at once
@@ -185,7 +179,7 @@ def test_sequence_ops_built_for_avx2_match_tensorflow_ops_and_build_once(compile
         print(lstm_cpu.kernel_path(model, 4))
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "CHARRNN_OPS_MARCH": "haswell", "XDG_CACHE_HOME": str(tmp_path)}
+    env = {**os.environ, **TESTS_ON_PATH, "CHARRNN_OPS_MARCH": "haswell", "XDG_CACHE_HOME": str(tmp_path)}
     (tmp_path / "barrier").mkdir()
     procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "barrier")], cwd=root, env=env,
                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
@@ -247,7 +241,7 @@ def test_a_compiler_without_avx512fp16_options_still_builds_for_this_cpu(tmp_pat
     The library's code says so (AVX-512's zmm registers, else AVX2's ymm), not the flags asked for."""
     cpu = open("/proc/cpuinfo").read()
     if "avx2" not in cpu:
-        pytest.skip("no AVX2 on this machine")
+        missing_prerequisite("no AVX2 on this machine (every machine the project runs CI on has it)")
     if shutil.which("g++") is None or shutil.which("objdump") is None:
         missing_prerequisite("needs g++ and objdump (binutils)")
     wrapper = tmp_path / "g++-without-avx512fp16"

@@ -17,24 +17,24 @@ ENV = "CHARRNN_THREADS"
 REPLICAS_ENV = "CHARRNN_CPU_REPLICAS"
 
 
-def threads_from_env() -> int | None:
-    value = os.environ.get(ENV, "").strip()
+def _positive_count(name: str, what: str, example: str) -> int | None:
+    """The environment variable ``name`` as a positive count, None when unset; one line naming it
+    and ``example`` otherwise."""
+    value = os.environ.get(name, "").strip()
     if not value:
         return None
     if not value.isdigit() or int(value) < 1:
-        raise UserError(f"{ENV} must be a positive number of threads, got {value!r}; e.g. "
-                        f"{ENV}=$(( $(nproc) / 2 )) for two parallel experiments")
+        raise UserError(f"{name} must be a positive number of {what}, got {value!r}; e.g. {example}")
     return int(value)
+
+
+def threads_from_env() -> int | None:
+    return _positive_count(ENV, "threads", f"{ENV}=$(( $(nproc) / 2 )) for two parallel experiments")
 
 
 def cpu_replicas_from_env() -> int | None:
-    value = os.environ.get(REPLICAS_ENV, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise UserError(f"{REPLICAS_ENV} must be a positive number of logical CPU devices, got {value!r}; "
-                        f"e.g. {REPLICAS_ENV}=2 to run train.strategy: mirrored on two CPU replicas")
-    return int(value)
+    return _positive_count(REPLICAS_ENV, "logical CPU devices",
+                           f"{REPLICAS_ENV}=2 to run train.strategy: mirrored on two CPU replicas")
 
 
 def configure_cpu_replicas() -> int | None:
