@@ -75,11 +75,10 @@ def pytest_runtest_logreport(report):
     _measured[name] = _measured.get(name, 0.0) + report.duration
 
 
-def pytest_sessionfinish(session):
-    option = session.config.option
-    if option.markexpr or option.keyword:  # a file measured in part would be put too late
+def pytest_unconfigure(config):
+    if config.option.markexpr or config.option.keyword:  # a file measured in part would be put too late
         return
-    if session.config.getoption("--store-durations") and not hasattr(session.config, "workerinput"):
+    if config.getoption("--store-durations") and not hasattr(config, "workerinput"):
         seconds = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
         seconds.update({name: round(s, 1) for name, s in _measured.items()})  # the files this run measured
         DURATIONS.write_text(json.dumps(dict(sorted(seconds.items())), indent=1) + "\n")
