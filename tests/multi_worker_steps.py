@@ -1,15 +1,19 @@
 """Run a few optimizer steps on fixed global batches and save the weights (used by test_distributed).
 
-With TF_CONFIG set, this process is one worker of a MultiWorkerMirroredStrategy cluster and feeds
-its slice of every global batch through ``charrnn.distribute.make_train_step``; with ``--mirrored``
-it is one process with two logical CPUs under MirroredStrategy, each replica fed its slice the same
-way; otherwise the single-device reference trains on the whole global batches with
-``keras.Model.train_on_batch`` (fit's step). ``--per-replica-apply`` runs the old, wrong step
-(``apply_gradients`` inside ``strategy.run``: each replica's partial gradient clipped before the
-sum, as Keras' ``fit`` does under a strategy) to show the test fails. ``--weight-decay`` trains
-with AdamW, the default optimizer, whose decoupled decay must also happen once per global step.
+Each VARIANT trains a fresh model (same seed) and saves ``OUT_DIR/VARIANT.npz``, or with TF_CONFIG
+set ``OUT_DIR/VARIANT-<worker index>.npz``; one process runs several, so the tests pay TensorFlow's
+start-up once. With TF_CONFIG set, this process is one worker of a MultiWorkerMirroredStrategy
+cluster and feeds its slice of every global batch through ``charrnn.distribute.make_train_step``
+(variants ``combined``, ``per-replica``, ``combined-mixed_float16``). Without it, the process has two
+logical CPUs: ``mirrored`` and ``mirrored-per-replica`` train under MirroredStrategy, each replica
+fed its slice the same way, and ``single`` (``single-mixed_float16``) is the single-device reference
+on the whole global batches with ``keras.Model.train_on_batch`` (fit's step). ``per-replica`` runs
+the old, wrong step (``apply_gradients`` inside ``strategy.run``: each replica's partial gradient
+clipped before the sum, as Keras' ``fit`` does under a strategy) to show the test fails. Every
+variant trains with AdamW (weight decay 0.1), the default optimizer, whose decoupled decay must also
+happen once per global step; the mixed_float16 ones with Adam and loss scaling.
 
-    python multi_worker_steps.py OUT.npz [--mirrored] [--per-replica-apply] [--precision P] [--weight-decay W]
+    python multi_worker_steps.py OUT_DIR VARIANT...
 """
 
 from __future__ import annotations
@@ -61,47 +65,59 @@ def per_replica_apply_step(model, strategy):
     return step
 
 
+def train_variant(variant: str, strategy, batches: np.ndarray):
+    """The weights and the per-step losses of one variant."""
+    precision = "mixed_float16" if variant.endswith("mixed_float16") else "float32"
+    weight_decay = 0.0 if precision == "mixed_float16" else 0.1
+    per_replica_apply = variant.endswith("per-replica")
+    if strategy is None:
+        model = build(precision, weight_decay)
+        return model, [float(model.train_on_batch(b[:, :-1], b[:, 1:])) for b in batches]
+    with strategy.scope():
+        model = build(precision, weight_decay)
+        if per_replica_apply:  # its slots before tracing (make_train_step does the same)
+            model.optimizer.build(model.trainable_variables)
+
+    def dataset_fn(context):
+        # Per replica, the consecutive slices of each global batch (the pipeline's layout).
+        replicas = strategy.num_replicas_in_sync // context.num_input_pipelines
+        rows = GLOBAL_BATCH // strategy.num_replicas_in_sync
+        first = context.input_pipeline_id * replicas
+        slices = [batches[:, (first + r) * rows:(first + r + 1) * rows] for r in range(replicas)]
+        local = np.stack(slices, axis=1).reshape(-1, rows, LENGTH + 1)  # step-major, replica-minor
+        return tf.data.Dataset.from_tensor_slices((local[..., :-1], local[..., 1:]))
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    step = (per_replica_apply_step(model, strategy) if per_replica_apply
+            else make_train_step(model, strategy, GLOBAL_BATCH))
+    return model, [float(step(iterator)) for _ in range(STEPS)]
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--per-replica-apply", action="store_true")
-    parser.add_argument("--precision", default="float32")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--mirrored", action="store_true")
+    parser.add_argument("out_dir")
+    parser.add_argument("variants", nargs="+")
     args = parser.parse_args()
     batches = global_batches()
-    if args.mirrored:  # before TensorFlow initialises its devices
+    worker = json.loads(os.environ["TF_CONFIG"])["task"]["index"] if os.environ.get("TF_CONFIG") else None
+    if worker is None:  # before TensorFlow initialises its devices
         (cpu,) = tf.config.list_physical_devices("CPU")
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     tf.config.experimental.enable_op_determinism()
-    if os.environ.get("TF_CONFIG") or args.mirrored:
-        strategy = (tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if args.mirrored
-                    else make_strategy("multi_worker"))
-        with strategy.scope():
-            model = build(args.precision, args.weight_decay)
-            if args.per_replica_apply:  # its slots before tracing (make_train_step does the same)
-                model.optimizer.build(model.trainable_variables)
-
-        def dataset_fn(context):
-            # Per replica, the consecutive slices of each global batch (the pipeline's layout).
-            replicas = strategy.num_replicas_in_sync // context.num_input_pipelines
-            rows = GLOBAL_BATCH // strategy.num_replicas_in_sync
-            first = context.input_pipeline_id * replicas
-            slices = [batches[:, (first + r) * rows:(first + r + 1) * rows] for r in range(replicas)]
-            local = np.stack(slices, axis=1).reshape(-1, rows, LENGTH + 1)  # step-major, replica-minor
-            return tf.data.Dataset.from_tensor_slices((local[..., :-1], local[..., 1:]))
-
-        iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-        step = (per_replica_apply_step(model, strategy) if args.per_replica_apply
-                else make_train_step(model, strategy, GLOBAL_BATCH))
-        losses = [float(step(iterator)) for _ in range(STEPS)]
-    else:
-        model = build(args.precision, args.weight_decay)
-        losses = [float(model.train_on_batch(b[:, :-1], b[:, 1:])) for b in batches]
-    optimizer = model.optimizer
-    np.savez(args.out, *[v.numpy() for v in model.trainable_variables],
-             meta=json.dumps({"losses": losses, "optimizer": type(optimizer).__name__,
-                              "iterations": int(optimizer.iterations.numpy())}))
+    cluster = make_strategy("multi_worker") if worker is not None else None
+    for variant in args.variants:
+        if worker is not None:
+            strategy = cluster
+        elif variant.startswith("mirrored"):
+            strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        else:
+            strategy = None
+        model, losses = train_variant(variant, strategy, batches)
+        name = variant if worker is None else f"{variant}-{worker}"
+        optimizer = model.optimizer
+        np.savez(os.path.join(args.out_dir, f"{name}.npz"), *[v.numpy() for v in model.trainable_variables],
+                 meta=json.dumps({"losses": losses, "optimizer": type(optimizer).__name__,
+                                  "iterations": int(optimizer.iterations.numpy())}))
 
 
 if __name__ == "__main__":

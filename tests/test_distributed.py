@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,16 +43,16 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_workers(project, count: int, argv=None) -> list[subprocess.Popen]:
+def start_workers(project, count: int, argv=None, env=None) -> list[subprocess.Popen]:
     """``count`` processes (the train stage, or ``argv(index)``) forming one MultiWorkerMirroredStrategy
-    cluster on 127.0.0.1."""
+    cluster on 127.0.0.1, with ``env(index)`` added to their environment."""
     workers = [f"127.0.0.1:{p}" for p in free_ports(count)]
     procs = []
     for index in range(count):
-        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        worker_env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **(env(index) if env else {})}
+        worker_env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
         command = argv(index) if argv else [sys.executable, *TRAIN_CMD]
-        procs.append(subprocess.Popen(command, cwd=project, env=env, text=True,
+        procs.append(subprocess.Popen(command, cwd=project, env=worker_env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
     return procs
 
@@ -106,24 +105,17 @@ def test_two_workers_train_together(tmp_path, sharded):
 
 
 def test_a_checkpoint_from_two_workers_resumes_on_one(tmp_path, sharded):
-    """Two workers are killed after an epoch; one worker resumes the same run from their checkpoint."""
-    # Slow enough per epoch that the kill lands between epochs (as in test_robustness).
+    """Two workers are killed mid-epoch 2; one worker resumes the same run from their checkpoint."""
     project = with_params(sharded, tmp_path / "p",
-                          {"strategy": "multi_worker", "epochs": 4, "steps_per_epoch": 25, "rnn_units": 48})
-    procs = start_workers(project, 2)
-    state_file = project / "checkpoints/train/state.json"
-    killed = None
-    deadline = time.time() + 300
-    while time.time() < deadline and all(p.poll() is None for p in procs):
-        if state_file.is_file() and json.loads(state_file.read_text())["epoch"] >= 1:
-            for p in procs:
-                os.killpg(p.pid, signal.SIGKILL)
-            killed = json.loads(state_file.read_text())
-            break
-        time.sleep(0.05)
-    for p in procs:
-        p.communicate()
-    assert killed is not None and 1 <= killed["epoch"] < 4, "the kill must land after epoch 1 and before the end"
+                          {"strategy": "multi_worker", "epochs": 4, "steps_per_epoch": 10, "rnn_units": 48})
+    # The chief (which writes the checkpoints) is killed after step 15, the other worker right after.
+    chief, other = start_workers(project, 2, env=lambda index: {"CHARRNN_CRASH_AT": "train-step@15"} if index == 0 else {})
+    chief.communicate(timeout=300)
+    os.killpg(other.pid, signal.SIGKILL)
+    other.communicate(timeout=60)
+    assert chief.returncode == -signal.SIGKILL, "the chief was not killed at its crash point"
+    killed = json.loads((project / "checkpoints/train/state.json").read_text())
+    assert killed["epoch"] == 1
     assert not (project / "models/char_rnn").exists()
 
     (output,) = wait_all(start_workers(project, 1))
@@ -139,11 +131,11 @@ def test_a_checkpoint_from_two_workers_resumes_on_one(tmp_path, sharded):
     (resumed,) = mlflow.search_runs([mlflow.get_experiment_by_name("tests").experiment_id], output_format="list")
     assert resumed.info.run_id == killed["run_id"] and resumed.info.status == "FINISHED"
     steps = {m.step for m in mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "val_loss")}
-    assert steps == {epoch * 25 * 16 * 32 for epoch in (1, 2, 3, 4)}  # characters trained at each epoch end
+    assert steps == {epoch * 10 * 16 * 32 for epoch in (1, 2, 3, 4)}  # characters trained at each epoch end
     # The optimizer's step count went on from the checkpoint: the last training-loss point (logged at
-    # the optimizer's step x characters per step) is at 4 epochs x 25 steps, in MLflow and in DVC's plot.
+    # the optimizer's step x characters per step) is at 4 epochs x 10 steps, in MLflow and in DVC's plot.
     loss_steps = [m.step for m in mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "loss")]
-    assert max(loss_steps) == 4 * 25 * 16 * 32
+    assert max(loss_steps) == 4 * 10 * 16 * 32
     plotted = list(csv.DictReader((project / "metrics/steps.csv").open()))
     assert [int(r["chars"]) for r in plotted] == sorted(set(loss_steps))
 
@@ -158,17 +150,27 @@ def _max_relative_difference(a, b) -> float:
     return max(float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-12)) for x, y in zip(a, b))
 
 
-def test_one_step_on_two_workers_equals_the_single_device_step(tmp_path):
+# One process trains the single-process variants, a cluster of two the multi-worker ones, side by side.
+SINGLE_VARIANTS = ("single", "mirrored", "mirrored-per-replica", "single-mixed_float16")
+CLUSTER_VARIANTS = ("combined", "per-replica", "combined-mixed_float16")
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory):
+    """Three optimizer steps of every variant of ``multi_worker_steps.py``: their weights and meta."""
+    out = tmp_path_factory.mktemp("steps")
+    cluster = start_workers(out, 2, lambda i: [sys.executable, str(STEP_SCRIPT), str(out), *CLUSTER_VARIANTS])
+    run([sys.executable, str(STEP_SCRIPT), str(out), *SINGLE_VARIANTS], out)
+    wait_all(cluster)
+    return {path.stem: _weights(path) for path in out.glob("*.npz")}
+
+
+def test_one_step_on_two_workers_equals_the_single_device_step(steps):
     """Clipping on (clipnorm far below the gradient norm), the default AdamW (whose decoupled decay
     must happen once per global step): two workers, each with half of every global batch, end with
     the weights one device reaches on the whole batches, and with each other's."""
-    decay = ["--weight-decay", "0.1"]
-    run([sys.executable, str(STEP_SCRIPT), str(tmp_path / "single.npz"), *decay], tmp_path)
-    single, single_meta = _weights(tmp_path / "single.npz")
-    for variant, extra in (("combined", []), ("per-replica", ["--per-replica-apply"])):
-        wait_all(start_workers(tmp_path, 2, lambda i: [sys.executable, str(STEP_SCRIPT),
-                                                       str(tmp_path / f"{variant}-{i}.npz"), *decay, *extra]))
-    (w0, meta0), (w1, _) = _weights(tmp_path / "combined-0.npz"), _weights(tmp_path / "combined-1.npz")
+    single, single_meta = steps["single"]
+    (w0, meta0), (w1, _) = steps["combined-0"], steps["combined-1"]
     assert meta0["iterations"] == single_meta["iterations"] == 3
     assert meta0["optimizer"] == single_meta["optimizer"] == "AdamW"
     for a, b in zip(w0, w1):
@@ -176,33 +178,26 @@ def test_one_step_on_two_workers_equals_the_single_device_step(tmp_path):
     assert _max_relative_difference(w0, single) < 1e-5
     assert meta0["losses"] == pytest.approx(single_meta["losses"], rel=1e-5)
     # The control: clipping each worker's half-gradient before the sum trains another model.
-    naive, _ = _weights(tmp_path / "per-replica-0.npz")
+    naive, _ = steps["per-replica-0"]
     assert _max_relative_difference(naive, single) > 1e-3
 
 
-def test_mirrored_replicas_step_as_one_device(tmp_path):
+def test_mirrored_replicas_step_as_one_device(steps):
     """`train.strategy: mirrored` on two logical CPUs, the default AdamW, clipnorm far below the
     gradient norm: after 3 steps the weights equal one device's on the same global batches; the
     per-replica clip (Keras' fit under a strategy) misses by far more."""
-    runs = {"single": [], "mirrored": ["--mirrored"], "per-replica": ["--mirrored", "--per-replica-apply"]}
-    for name, extra in runs.items():
-        run([sys.executable, str(STEP_SCRIPT), str(tmp_path / f"{name}.npz"), "--weight-decay", "0.1", *extra],
-            tmp_path)
-    single, single_meta = _weights(tmp_path / "single.npz")
-    mirrored, meta = _weights(tmp_path / "mirrored.npz")
+    single, single_meta = steps["single"]
+    mirrored, meta = steps["mirrored"]
     assert meta["iterations"] == single_meta["iterations"] == 3 and meta["optimizer"] == "AdamW"
     assert _max_relative_difference(mirrored, single) < 1e-5
     assert meta["losses"] == pytest.approx(single_meta["losses"], rel=1e-5)
-    naive, _ = _weights(tmp_path / "per-replica.npz")
+    naive, _ = steps["mirrored-per-replica"]
     assert _max_relative_difference(naive, single) > 1e-3
 
 
-def test_mixed_float16_scales_the_loss_on_two_workers_as_on_one(tmp_path):
-    run([sys.executable, str(STEP_SCRIPT), str(tmp_path / "single.npz"), "--precision", "mixed_float16"], tmp_path)
-    wait_all(start_workers(tmp_path, 2, lambda i: [sys.executable, str(STEP_SCRIPT), str(tmp_path / f"w{i}.npz"),
-                                                   "--precision", "mixed_float16"]))
-    single, single_meta = _weights(tmp_path / "single.npz")
-    (w0, meta0), (w1, _) = _weights(tmp_path / "w0.npz"), _weights(tmp_path / "w1.npz")
+def test_mixed_float16_scales_the_loss_on_two_workers_as_on_one(steps):
+    single, single_meta = steps["single-mixed_float16"]
+    (w0, meta0), (w1, _) = steps["combined-mixed_float16-0"], steps["combined-mixed_float16-1"]
     assert single_meta["optimizer"] == meta0["optimizer"] == "LossScaleOptimizer"
     for a, b in zip(w0, w1):
         np.testing.assert_array_equal(a, b)
@@ -314,7 +309,7 @@ def test_mirrored_resumes_mid_epoch_kills_to_the_same_bytes(tmp_path, next_is_tr
     # at step 12, so its 18th is step 30, mid-epoch 3.
     for resumed_from in (None, 1):
         killed = run([sys.executable, *TRAIN_CMD], project, check=False,
-                     env={**TWO_CPU_REPLICAS, "CHARRNN_CRASH_AT": "distributed-step@18"})
+                     env={**TWO_CPU_REPLICAS, "CHARRNN_CRASH_AT": "train-step@18"})
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
         if resumed_from:
             assert f"resuming from epoch {resumed_from}" in killed.stdout

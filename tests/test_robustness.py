@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from conftest import BIN, SYSTEM_METRICS_EVERY_SECOND, copy_project, dvc, run, w
 
 pytestmark = pytest.mark.slow
 
-# Slow enough per epoch that a kill lands between epochs, small enough for a test.
-RESUME_PARAMS = {"train": {"epochs": 4, "steps_per_epoch": 25, "rnn_units": 48}}
+# Four epochs to interrupt; the kills land at named steps and instants, not by timers.
+STEPS_PER_EPOCH = 10
+RESUME_PARAMS = {"train": {"epochs": 4, "steps_per_epoch": STEPS_PER_EPOCH, "rnn_units": 48}}
 
 
 def lock_outputs(project) -> dict:
@@ -56,7 +56,7 @@ TRAIN_ARGV = [str(BIN / "python"), "stages/train.py", "--sequences", "data/seque
               "models/char_rnn", "--checkpoints", "checkpoints/train", "--history", "metrics/history.csv",
               "--run-info", "metrics/train.json"]
 RESULTS = ("models/char_rnn/model.keras", "metrics/history.csv", "metrics/train.json")
-CHARS_PER_EPOCH = 25 * 16 * 32  # RESUME_PARAMS steps x TINY_PARAMS batch x seq_length
+CHARS_PER_EPOCH = STEPS_PER_EPOCH * 16 * 32  # RESUME_PARAMS steps x TINY_PARAMS batch x seq_length
 
 
 def _env(extra=None):
@@ -64,28 +64,31 @@ def _env(extra=None):
     return {**env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **SYSTEM_METRICS_EVERY_SECOND, **(extra or {})}
 
 
-def _state_epoch(project) -> int:
-    try:
-        return json.loads((project / "checkpoints/train/state.json").read_text())["epoch"]
-    except (OSError, ValueError):
-        return 0
-
-
-# How each case interrupts the first training: a crash point (SIGKILL at a named instant of the
-# checkpoint protocol or the final save), or a signal sent from outside after `epoch` epochs plus
-# `delay` seconds (mid-epoch when delay > 0). A crash point's instant is pinned by what it leaves:
-# the epoch state.json names, the checkpoint folder's files, whether the model folder and the loss
-# history exist, and the registered versions (False: untagged, True: tagged).
-KILLS = {
-    "sigkill-mid-epoch": dict(signal=signal.SIGKILL, epoch=1, delay=1.0),
+# One training interrupted nine times, each run resuming what the one before left (the first starts
+# from scratch): a signal at an optimizer step (mid-epoch at 10 steps an epoch: `train-step@n` is the
+# n-th step of that process), or SIGKILL at a named instant of the checkpoint protocol or the final
+# save. Each link is pinned by what it leaves: the epoch state.json names, the checkpoint folder's
+# files (an interrupted commit's leftovers stay until the next commit), whether the model folder and
+# the loss history exist, the registered versions (False: untagged, True: tagged) and the run's status.
+CHAIN = {
+    "sigkill-mid-epoch": dict(
+        crash="train-step@15", signal="KILL",
+        leaves=dict(epoch=1, files={"state.json", "epoch-0001.keras"}, model=False, history=False, versions=[])),
     "crash-between-model-and-state": dict(
-        crash="checkpoint-model-written@2",
-        leaves=dict(epoch=1, files={"state.json", "epoch-0001.keras", "epoch-0002.keras"}, model=False, history=False,
-                    versions=[])),
+        crash="checkpoint-model-written@1",
+        leaves=dict(epoch=1, files={"state.json", "epoch-0001.keras", "epoch-0002.keras"}, model=False,
+                    history=False, versions=[])),
+    "sigterm-mid-epoch": dict(
+        crash="train-step@15", signal="TERM",
+        leaves=dict(epoch=2, files={"state.json", "epoch-0002.keras"}, model=False, history=False, versions=[])),
     "crash-before-old-model-removed": dict(
-        crash="checkpoint-state-written@3",
-        leaves=dict(epoch=3, files={"state.json", "epoch-0002.keras", "epoch-0003.keras"}, model=False, history=False,
-                    versions=[])),
+        crash="checkpoint-state-written@1",
+        leaves=dict(epoch=3, files={"state.json", "epoch-0002.keras", "epoch-0003.keras"}, model=False,
+                    history=False, versions=[])),
+    "sigint-mid-epoch": dict(
+        crash="train-step@5", signal="INT",
+        leaves=dict(epoch=3, files={"state.json", "epoch-0002.keras", "epoch-0003.keras"}, model=False,
+                    history=False, versions=[])),
     "crash-after-final-model-saved": dict(
         crash="final-model-saved",
         leaves=dict(epoch=4, files={"state.json", "epoch-0004.keras"}, model=True, history=False, versions=[])),
@@ -99,8 +102,6 @@ KILLS = {
         crash="run-ended",
         leaves=dict(epoch=4, files={"state.json", "epoch-0004.keras"}, model=True, history=True, versions=[True],
                     status="FINISHED")),
-    "sigterm-mid-epoch": dict(signal=signal.SIGTERM, epoch=1, delay=1.0),
-    "sigint-mid-epoch": dict(signal=signal.SIGINT, epoch=2, delay=0.5),
 }
 VERSION_TAGS = {"val_loss", "run_name"}
 
@@ -109,24 +110,13 @@ def _versions(project, run_id) -> list:
     return _client(project).search_model_versions(f"run_id = '{run_id}'")
 
 
-def _interrupt(project, how) -> subprocess.CompletedProcess | int:
-    if "crash" in how:
-        result = subprocess.run(TRAIN_ARGV, cwd=project, env=_env({"CHARRNN_CRASH_AT": how["crash"]}),
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
-        return result
-    # The training runs niced: on a loaded machine (the cases run in pairs beside another test file)
-    # this process must still see the epoch end in time to signal mid-epoch, not after training ended.
-    proc = subprocess.Popen(TRAIN_ARGV, cwd=project, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(5))
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and _state_epoch(project) < how["epoch"]:
-        time.sleep(0.02)
-    time.sleep(how["delay"])
-    assert proc.poll() is None and _state_epoch(project) == how["epoch"], "the kill would not land mid-epoch"
-    proc.send_signal(how["signal"])
-    out, err = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(TRAIN_ARGV, proc.returncode, out, err)
+def _interrupt(project, how) -> subprocess.CompletedProcess:
+    """The train stage, stopped by the signal ``how`` names at the instant it names."""
+    env = _env({"CHARRNN_CRASH_AT": how["crash"], "CHARRNN_CRASH_SIGNAL": how.get("signal", "KILL")})
+    result = subprocess.run(TRAIN_ARGV, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    expected = -signal.SIGKILL if how.get("signal", "KILL") == "KILL" else 128 + signal.Signals[f"SIG{how['signal']}"]
+    assert result.returncode == expected, result.stderr[-2000:]
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -137,97 +127,93 @@ def trained_base(tmp_path_factory, trained_project):
 
 
 @dataclasses.dataclass
-class KillOutcome:
-    """What one case left at the instant of its interruption, and after its resume."""
+class Link:
+    """What one interruption of the chain left, read before the next run resumes it."""
 
-    project: Path
-    first: subprocess.CompletedProcess
+    run: subprocess.CompletedProcess
     state: dict
     files: set[str]
     model_saved: bool
     history_saved: bool
-    stuck: object  # the MLflow run after the interruption
+    stuck: object  # the MLflow run
     stuck_versions: list
+
+
+@dataclasses.dataclass
+class Chain:
+    project: Path
+    reference: Path
+    links: dict[str, Link]
     leftovers: list[Path]
-    resumed: subprocess.CompletedProcess
-
-
-def _kill_and_resume(root: Path, base: Path, name: str) -> KillOutcome:
-    project = root / name
-    shutil.copytree(base, project)
-    first = _interrupt(project, KILLS[name])
-    checkpoint = project / "checkpoints/train"
-    state = json.loads((checkpoint / "state.json").read_text())
-    files = {p.name for p in checkpoint.iterdir()}
-    model_saved = (project / "models/char_rnn/model.keras").is_file()
-    history_saved = (project / "metrics/history.csv").is_file()
-    (stuck,) = _runs(project)
-    stuck_versions = _versions(project, stuck.info.run_id)
-    # What a kill in the middle of an atomic write leaves: the next run removes it.
-    leftovers = [project / "models/.char_rnn.k2j4x9.tmp", project / "metrics/.history.tmp.k2j4x9.csv"]
-    leftovers[0].mkdir(parents=True)
-    leftovers[1].parent.mkdir(parents=True, exist_ok=True)
-    leftovers[1].write_text("epoch,chars\n")
-    resumed = run(TRAIN_ARGV, project, env=_env())
-    return KillOutcome(project, first, state, files, model_saved, history_saved, stuck, stuck_versions, leftovers,
-                       resumed)
+    resumed: subprocess.CompletedProcess  # the last run, which completes
 
 
 @pytest.fixture(scope="module")
-def kill_outcomes(request, tmp_path_factory, trained_project):
-    """The reference and the selected kill cases, two at a time (one per core): each case is two
-    short training processes whose start-up dominates, so pairs finish in little more than one."""
-    root = tmp_path_factory.mktemp("kills-parallel")
-    base = copy_project(trained_project, root / "base", upto="sequences", overrides=RESUME_PARAMS)
-    reference = root / "reference"
+def kill_chain(trained_base):
+    """The chain of interruptions, beside an uninterrupted reference training (one core each)."""
+    root, base = trained_base
+    reference, project = root / "reference", root / "chain"
     shutil.copytree(base, reference)
-    chosen = [item.callspec.params["name"] for item in request.session.items
-              if item.module.__name__ == __name__ and getattr(item, "callspec", None)
-              and item.originalname == "test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record"]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {"reference": pool.submit(run, TRAIN_ARGV, reference, _env())}
-        futures.update({name: pool.submit(_kill_and_resume, root, base, name) for name in chosen})
-        yield reference, futures
+    shutil.copytree(base, project)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        uninterrupted = pool.submit(run, TRAIN_ARGV, reference, _env())
+        links = {}
+        for name, how in CHAIN.items():
+            result = _interrupt(project, how)
+            checkpoint = project / "checkpoints/train"
+            (stuck,) = _runs(project)  # every resume continues the one run
+            links[name] = Link(result, json.loads((checkpoint / "state.json").read_text()),
+                               {p.name for p in checkpoint.iterdir()},
+                               (project / "models/char_rnn/model.keras").is_file(),
+                               (project / "metrics/history.csv").is_file(), stuck, _versions(project, stuck.info.run_id))
+        # What a kill in the middle of an atomic write leaves: the next run removes it.
+        leftovers = [project / "models/.char_rnn.k2j4x9.tmp", project / "metrics/.history.tmp.k2j4x9.csv"]
+        leftovers[0].mkdir(parents=True, exist_ok=True)
+        leftovers[1].write_text("epoch,chars\n")
+        resumed = run(TRAIN_ARGV, project, env=_env())
+        uninterrupted.result()
+    return Chain(project, reference, links, leftovers, resumed)
 
 
-@pytest.mark.parametrize("name", list(KILLS))
-def test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(kill_outcomes, name):
-    reference, futures = kill_outcomes
-    futures["reference"].result()
-    outcome = futures[name].result()
-    project, first, state, how = outcome.project, outcome.first, outcome.state, KILLS[name]
-    checkpoint = project / "checkpoints/train"
+@pytest.mark.parametrize("name", list(CHAIN))
+def test_each_interruption_leaves_a_consistent_checkpoint_and_a_true_record(kill_chain, name):
+    link, how = kill_chain.links[name], CHAIN[name]
+    names = list(CHAIN)
+    if names.index(name):  # a resume of the link before
+        previous = kill_chain.links[names[names.index(name) - 1]]
+        assert f"resuming from epoch {previous.state['epoch']}" in link.run.stdout + link.run.stderr
     # A consistent checkpoint: state.json names a complete model file of the epoch it states.
-    assert state["model_file"] in outcome.files and state["model_file"] == f"epoch-{state['epoch']:04d}.keras"
-    assert len(state["history"]) == state["epoch"] >= 1
-    stuck = outcome.stuck
-    if "leaves" in how:  # the instant the crash point names, read off the disk and the registry
-        leaves = how["leaves"]
-        assert state["epoch"] == leaves["epoch"], state
-        assert outcome.files == leaves["files"]
-        assert outcome.model_saved == leaves["model"] and outcome.history_saved == leaves["history"]
-        versions = outcome.stuck_versions
-        assert [VERSION_TAGS <= set(v.tags) for v in versions] == leaves["versions"], [v.tags for v in versions]
-    if how.get("signal") in (signal.SIGTERM, signal.SIGINT):  # a handled signal: a true record, one line
-        assert first.returncode == 128 + how["signal"], first.stderr[-2000:]
+    state, leaves = link.state, how["leaves"]
+    assert state["model_file"] in link.files and state["model_file"] == f"epoch-{state['epoch']:04d}.keras"
+    assert len(state["history"]) == state["epoch"] == leaves["epoch"], state
+    assert link.files == leaves["files"]
+    assert link.model_saved == leaves["model"] and link.history_saved == leaves["history"]
+    assert [VERSION_TAGS <= set(v.tags) for v in link.stuck_versions] == leaves["versions"], [
+        v.tags for v in link.stuck_versions]
+    stuck, first = link.stuck, link.run
+    if how.get("signal") in ("TERM", "INT"):  # a handled signal: a true record, one line
         assert [line for line in first.stderr.splitlines() if line.startswith("error: ")] == [
             first.stderr.strip().splitlines()[-1]]
-        assert first.stderr.strip().splitlines()[-1].startswith("error: interrupted by SIG")
+        assert first.stderr.strip().splitlines()[-1].startswith(f"error: interrupted by SIG{how['signal']}")
         assert "Traceback" not in first.stderr
-        assert stuck.info.status == "KILLED" and "SIG" in stuck.data.tags["charrnn.error"]
+        assert stuck.info.status == "KILLED" and f"SIG{how['signal']}" in stuck.data.tags["charrnn.error"]
     else:  # kill -9 gives MLflow no chance to close a run it kills
-        assert stuck.info.status == how.get("leaves", {}).get("status", "RUNNING")
+        assert stuck.info.status == leaves.get("status", "RUNNING")
 
-    resumed = outcome.resumed
-    assert f"resuming from epoch {state['epoch']}" in resumed.stdout + resumed.stderr
-    assert not [p for p in outcome.leftovers if p.exists()]
+
+def test_the_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(kill_chain):
+    project, reference, resumed = kill_chain.project, kill_chain.reference, kill_chain.resumed
+    checkpoint = project / "checkpoints/train"
+    assert "resuming from epoch 4" in resumed.stdout + resumed.stderr
+    assert not [p for p in kill_chain.leftovers if p.exists()]
     for path in RESULTS:
         assert (project / path).read_bytes() == (reference / path).read_bytes(), path
     assert [p.name for p in checkpoint.iterdir()] == ["state.json"]  # idle: nothing left to resume
     assert "model_file" not in json.loads((checkpoint / "state.json").read_text())
     (finished,) = _runs(project)  # continued, not duplicated
-    assert finished.info.run_id == stuck.info.run_id and finished.info.status == "FINISHED"
-    assert "charrnn.error" not in finished.data.tags  # the interruption is over: no stale error
+    assert {link.stuck.info.run_id for link in kill_chain.links.values()} == {finished.info.run_id}
+    assert finished.info.status == "FINISHED"
+    assert "charrnn.error" not in finished.data.tags  # the interruptions are over: no stale error
     (version,) = _versions(project, finished.info.run_id)  # registered once, tagged
     assert VERSION_TAGS <= set(version.tags) and version.tags["run_name"] == finished.info.run_name
     assert float(version.tags["val_loss"]) == pytest.approx(finished.data.metrics["val_loss"], abs=1e-6)
@@ -236,13 +222,13 @@ def test_an_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(k
     assert any(key.startswith("system/") for key in finished.data.metrics)
     for key in finished.data.metrics:  # every metric the run logs, system/* included
         steps = [m.step for m in client.get_metric_history(finished.info.run_id, key)]
-        assert len(steps) == len(set(steps)), f"{key} has duplicate points after the resume: {sorted(steps)}"
+        assert len(steps) == len(set(steps)), f"{key} has duplicate points after the resumes: {sorted(steps)}"
     val_steps = sorted(m.step for m in client.get_metric_history(finished.info.run_id, "val_loss"))
     assert val_steps == [e * CHARS_PER_EPOCH for e in (1, 2, 3, 4)]
     resumed_loss = {m.step: m.value for m in client.get_metric_history(finished.info.run_id, "loss")}
     (reference_run,) = _runs(reference)
     reference_loss = {m.step: m.value for m in _client(reference).get_metric_history(reference_run.info.run_id, "loss")}
-    assert resumed_loss == reference_loss and len(reference_loss) == 4 * 25 // 2  # every log_every_steps
+    assert resumed_loss == reference_loss and len(reference_loss) == 4 * STEPS_PER_EPOCH // 2  # every log_every_steps
 
 
 def _crashed(trained_base, name: str, crash: str, **train):

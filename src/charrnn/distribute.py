@@ -19,7 +19,6 @@ import tensorflow as tf
 from charrnn import seams
 from charrnn.batches import training_dataset
 from charrnn.errors import UserError
-from charrnn.faults import crash_point
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -150,7 +149,6 @@ def fit_distributed(model, strategy, config, train_shards, seq_length, val_ds, s
         losses = []
         for i in range(steps):
             losses.append(float(train_step(iterator)))
-            crash_point("distributed-step")
             bar.update(i + 1, [("loss", losses[-1])])
             callbacks.on_train_batch_end(i, {"loss": float(np.mean(losses))})
         callbacks.on_test_begin()  # as fit's validation: SwapEMAWeights scores the moving average

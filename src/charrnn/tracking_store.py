@@ -224,6 +224,10 @@ def setup(experiment_name: str) -> str:
     check_database(uri)
     if is_http_url(uri):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", SERVER_RETRIES)
+    # Unbuffered, MLflow's async-logging thread polls its queue with a one-second timeout, so every
+    # flush (one per epoch, before the checkpoint) and the run's end idle up to a second each;
+    # buffered, it waits on its stop event and a flush returns at once.
+    os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
     try:
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.get_experiment_by_name(experiment_name)

@@ -26,7 +26,7 @@ from charrnn.checkpoints import Checkpoints, EpochCheckpoint, resume_key
 from charrnn.config import TrainConfig
 from charrnn.distribute import fit_distributed, is_chief, make_strategy
 from charrnn.errors import UserError, first_line
-from charrnn.faults import crash_point
+from charrnn.faults import crash_point, step_callbacks
 from charrnn.sampling import DEFAULT_PRIME
 from charrnn.tracking_callbacks import EpochSamples, TrainingCurves
 from charrnn.vocabulary import Vocabulary
@@ -196,7 +196,7 @@ def make_callbacks(config: TrainConfig, data: TrainData, vocabulary: Vocabulary,
     ]
     if config.ema_momentum:  # val_loss of the moving average: the weights the model is saved with
         callbacks.append(keras.callbacks.SwapEMAWeights())
-    return callbacks
+    return callbacks + step_callbacks()
 
 
 def fit(model: keras.Model, strategy, config: TrainConfig, data: TrainData, initial_epoch: int, callbacks: list,
