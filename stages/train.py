@@ -4,11 +4,12 @@ import argparse
 import json
 from pathlib import Path
 
+from charrnn.artifacts import training_inputs
 from charrnn.config import as_flat_dict, load_params
 from charrnn.errors import UserError, exit_on_user_error
 from charrnn.prologue import before_tensorflow, loading_tensorflow
 from charrnn.threads import configure_cpu_replicas, cpu_replicas_from_env
-from charrnn.tracking_store import check_server
+from charrnn.tracking_store import check_server, setup
 
 
 @exit_on_user_error
@@ -32,8 +33,12 @@ def main():
         raise UserError(f"{args.corpus} not found (written by `vectorize` since this version); "
                         "rerun `dvc repro vectorize`")
     corpus = json.loads(args.corpus.read_text(encoding="utf-8"))
+    checks = [lambda: training_inputs(args.sequences, args.vocabulary, config.batch_size), check_server,
+              cpu_replicas_from_env]
+    if config.strategy != "multi_worker":  # this process is the chief: the store and its experiment too
+        checks.append(lambda: setup(mlflow_config.experiment))
     # the checkpoint folder sweeps its own leftovers
-    before_tensorflow(args.model, args.history, args.run_info, args.steps, checks=[check_server, cpu_replicas_from_env])
+    before_tensorflow(args.model, args.history, args.run_info, args.steps, checks=checks)
     with loading_tensorflow(configure_cpu_replicas):
         from charrnn.train import TrainPaths, train
     paths = TrainPaths(sequences=args.sequences, vocabulary=args.vocabulary, model=args.model,

@@ -65,6 +65,18 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(items):
     seconds = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
     items.sort(key=lambda item: -seconds.get(item.path.name, float("inf")))  # stable: a file's own order is kept
+    # The first file's worker builds the shared trained project; the second worker would wait for it
+    # when its file needs it too, so it starts with the longest file that does not.
+    files = list(dict.fromkeys(item.path for item in items))
+    needs = {path for path in files if any("trained_project" in item.fixturenames
+                                           for item in items if item.path == path)}
+    if len(files) > 2 and files[0] in needs and files[1] in needs:
+        free = next((path for path in files if path not in needs), None)
+        if free is not None:
+            files.remove(free)
+            files.insert(1, free)
+            rank = {path: index for index, path in enumerate(files)}
+            items.sort(key=lambda item: rank[item.path])
 
 
 _measured: dict[str, float] = {}

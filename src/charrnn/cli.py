@@ -120,6 +120,12 @@ def generate(args) -> None:
     given = {name: getattr(args, name) for name in ("length", "temperature", "top_k", "num_samples", "seed")}
     options = replace(defaults.options, **{k: v for k, v in given.items() if v is not None})
     options.check()  # before TensorFlow and the model load
+    if not model_path.startswith(("models:/", "runs:/")):  # the folder, as far as it can be checked
+        from charrnn.artifacts import check_model_dir
+
+        vocabulary = check_model_dir(Path(model_path))
+        options.check(len(vocabulary))
+        vocabulary.encode(prime)
 
     from charrnn.prologue import before_tensorflow, loading_tensorflow
 

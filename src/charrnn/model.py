@@ -13,13 +13,12 @@ from pathlib import Path
 
 import keras
 
-from charrnn import files
+from charrnn import artifacts, files
+from charrnn.artifacts import MODEL_FILE, SUMMARY_FILE
 from charrnn.errors import UserError, first_line
 from charrnn.vocabulary import VOCABULARY_FILE, Vocabulary
 
-MODEL_FILE = "model.keras"
 RNN_CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
-SUMMARY_FILE = "model_summary.txt"
 
 
 # ---- building ------------------------------------------------------------------------------
@@ -265,11 +264,7 @@ def save_model_dir(model: keras.Model, vocabulary: Vocabulary, out_dir: Path) ->
 def load_model_dir(model_dir: Path, compile: bool = False) -> tuple[keras.Model, Vocabulary]:
     """Load a trained model folder and check that its vocabulary fits the model's output."""
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise UserError(f"model folder not found: {model_dir}; train one with `dvc repro` or pass --model")
-    if not (model_dir / MODEL_FILE).is_file():
-        raise UserError(f"{model_dir} is not a model folder (no {MODEL_FILE}); pass the folder written by the train stage")
-    vocabulary = Vocabulary.load(model_dir / VOCABULARY_FILE)
+    vocabulary = artifacts.check_model_dir(model_dir)
     model = load_keras(model_dir / MODEL_FILE, compile=compile)
     try:
         output_size = model.get_layer("logits").units

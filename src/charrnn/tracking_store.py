@@ -14,6 +14,7 @@ from pathlib import Path
 
 from charrnn import seams
 from charrnn.errors import UserError, first_line
+from charrnn.quiet import quiet_python_logs
 from charrnn.tracking_databases import check_database, check_sqlite_file, fix_hint
 from charrnn.urls import is_http_url
 
@@ -218,6 +219,7 @@ def setup(experiment_name: str) -> str:
     """
     import mlflow
 
+    quiet_python_logs()  # the store's migrations log at INFO (before TensorFlow loads, where stages call this)
     uri = tracking_uri()
     from_env = "MLFLOW_TRACKING_URI" in os.environ  # before MLflow sets it itself
     check_server()

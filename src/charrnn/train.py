@@ -85,17 +85,6 @@ def configure_determinism(config: TrainConfig) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def check_data(manifest: dict, config: TrainConfig) -> None:
-    train_windows = manifest["splits"]["train"]["windows"]
-    if train_windows < config.batch_size:
-        L = manifest["seq_length"]
-        raise UserError(
-            f"the training split has {train_windows} sequences of {L} characters, fewer than "
-            f"train.batch_size={config.batch_size}: not one full batch; lower batch_size or "
-            "seq_length, or use a longer corpus"
-        )
-
-
 def sample_prime(vocabulary: Vocabulary, val_paths: list[str], seq_length: int) -> str:
     """The per-epoch samples' prime: the tutorial's ``ROMEO: `` where the corpus has those
     characters, else the start of the validation text."""
@@ -106,19 +95,6 @@ def sample_prime(vocabulary: Vocabulary, val_paths: list[str], seq_length: int) 
 
 
 # ---- the steps -------------------------------------------------------------------------------
-
-
-def prepare_data(paths: TrainPaths, config: TrainConfig) -> tuple[dict, Vocabulary]:
-    """The shards' manifest and the vocabulary, checked to fit each other and the batch size."""
-    manifest = artifacts.load_manifest(paths.sequences)
-    vocabulary = Vocabulary.load(paths.vocabulary)
-    if manifest["vocab_size"] != len(vocabulary):
-        raise UserError(
-            f"{paths.sequences} was built for {manifest['vocab_size']} symbols but {paths.vocabulary} "
-            f"has {len(vocabulary)}; rerun `dvc repro`"
-        )
-    check_data(manifest, config)
-    return manifest, vocabulary
 
 
 def resolve_precision(config: TrainConfig, vocab_size: int,
@@ -258,7 +234,7 @@ def train(config: TrainConfig, paths: TrainPaths, experiment: str, params: dict,
     ``corpus`` describes the corpus (``vectorize``'s ``corpus.json``). Returns the final metrics,
     or None on a multi-worker worker that is not the chief.
     """
-    manifest, vocabulary = prepare_data(paths, config)
+    manifest, vocabulary = artifacts.training_inputs(paths.sequences, paths.vocabulary, config.batch_size)
     steps = steps_per_epoch(config, manifest)
     strategy = make_strategy(config.strategy)  # first: collective ops must be set up before others
     chief = is_chief(strategy)
