@@ -180,11 +180,26 @@ def auth_server(tmp_path):
                               extra_args=("--app-name", "basic-auth"),
                               env={"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
                                    "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
-        server.admin_password = password
+        server.admin_password, server.users_database = password, users
         try:
             yield server.start()
         finally:
             server.stop()
+
+
+def cheap_password_hashes(users_database: str, passwords: dict[str, str]) -> None:
+    """Store the users' passwords hashed with one PBKDF2 round: MLflow's basic-auth app checks the
+    password of every request several times (werkzeug's scrypt, ~0.1 s of CPU each), which would
+    give the server a core of its own for the whole test; the checks themselves stay the same."""
+    import psycopg2
+    from werkzeug.security import generate_password_hash
+
+    with contextlib.closing(psycopg2.connect(users_database.replace("postgresql+psycopg2://", "postgresql://"))) as conn:
+        with conn, conn.cursor() as cur:
+            for user, password in passwords.items():
+                cur.execute("UPDATE users SET password_hash = %s WHERE username = %s",
+                            (generate_password_hash(password, method="pbkdf2:sha256:1"), user))
+                assert cur.rowcount == 1, f"no user {user} in the users database"
 
 
 # -j 2: side by side. "slow-lr" also trains under `mirrored` (one CPU replica here): the strategy's loop,
@@ -205,6 +220,7 @@ def test_parallel_queue_records_every_run_on_a_postgres_server_with_users(tmp_pa
     admin = get_app_client("basic-auth", tracking_uri=uri)
     for user, password in passwords.items():
         admin.create_user(user, password)
+    cheap_password_hashes(auth_server.users_database, {**passwords, "admin": auth_server.admin_password})
     assert "admin_password" not in readme_ini()  # the password comes from the environment only
     alice = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": passwords["alice"]}
     bob = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": passwords["bob"]}
