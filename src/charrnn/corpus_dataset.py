@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -44,3 +45,25 @@ def corpus_dataset(corpus: dict):
             dataset_source = resolve_dataset_source(str(repo_root() / source))
         name = Path(source).name
     return CorpusDataset(dataset_source, name=name, digest=corpus["sha256"][:DIGEST_CHARS])
+
+
+# How each store words the error of an insert that lost a race to an equal row.
+_DUPLICATE_KEY = ("duplicate key value", "UNIQUE constraint failed", "Duplicate entry")
+
+
+def log_corpus_input(corpus: dict, tries: int = 3) -> None:
+    """Log the corpus as the active run's training input. Two runs that log the same corpus at the
+    same instant (parallel queued experiments, two teammates) race in the store's get-or-create of
+    the dataset, and the slower insert fails on the dataset's unique key; by then the dataset
+    exists, so logging it again links it to the run."""
+    import mlflow
+
+    dataset = corpus_dataset(corpus)
+    for attempt in range(1, tries + 1):
+        try:
+            mlflow.log_input(dataset, context="training")
+            return
+        except mlflow.exceptions.MlflowException as err:
+            if attempt == tries or not any(words in str(err) for words in _DUPLICATE_KEY):
+                raise
+            time.sleep(0.1 * attempt)

@@ -92,7 +92,7 @@ def record_new_run(params: dict, key: str, model: keras.Model, vocabulary: Vocab
                        "model.parameters": model.count_params(), "train.precision_resolved": policy})
     mlflow.log_dict({"chars": vocabulary.chars}, "vocabulary.json")
     if corpus:
-        mlflow.log_input(tracking.corpus_dataset(corpus), context="training")
+        tracking.log_corpus_input(corpus)
     for row in history:  # a checkpoint resumed into a new run (the old one was deleted)
         mlflow.log_metrics({"epoch": row["epoch"], "epoch_loss": row["loss"], "val_loss": row["val_loss"]},
                            step=row["chars"])
