@@ -231,12 +231,19 @@ def test_the_interrupted_training_resumes_to_the_same_bytes_and_one_true_record(
     assert resumed_loss == reference_loss and len(reference_loss) == 4 * STEPS_PER_EPOCH // 2  # every log_every_steps
 
 
-def _crashed(trained_base, name: str, crash: str, **train):
-    """A copy of the base whose training was killed at ``crash``, its run, and ``train`` params set."""
+@pytest.fixture(scope="module")
+def crashed_base(trained_base):
+    """The base whose training was killed after committing epoch 2 (a RUNNING run, a checkpoint)."""
     root, base = trained_base
-    project = root / name
-    shutil.copytree(base, project)
-    _interrupt(project, {"crash": crash})
+    crashed = root / "crashed"
+    shutil.copytree(base, crashed)
+    _interrupt(crashed, {"crash": "checkpoint-state-written@2"})
+    return crashed
+
+
+def _crashed(crashed_base: Path, dest: Path, **train):
+    """A copy of the crashed base, its run, and ``train`` params set."""
+    project = shutil.copytree(crashed_base, dest)
     (old,) = _runs(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"].update(train)
@@ -244,9 +251,9 @@ def _crashed(trained_base, name: str, crash: str, **train):
     return project, old
 
 
-def test_a_resume_updates_raised_epochs_and_never_writes_into_a_deleted_run(trained_base):
+def test_a_resume_updates_raised_epochs_and_never_writes_into_a_deleted_run(crashed_base, tmp_path):
     # epochs are not part of the resume key while the learning rate is constant
-    project, old = _crashed(trained_base, "deleted-run", "checkpoint-state-written@2", epochs=5)
+    project, old = _crashed(crashed_base, tmp_path / "deleted-run", epochs=5)
     _client(project).delete_run(old.info.run_id)  # as the UI's Delete does
 
     resumed = run(TRAIN_ARGV, project, env=_env())
@@ -263,9 +270,8 @@ def test_a_resume_updates_raised_epochs_and_never_writes_into_a_deleted_run(trai
     assert _client(project).get_run(old.info.run_id).info.lifecycle_stage == "deleted"
 
 
-def test_a_checkpoint_that_cannot_be_resumed_ends_its_run_killed_naming_the_new_one(trained_base):
-    project, old = _crashed(trained_base, "abandoned", "checkpoint-state-written@1",
-                            epochs=1, learning_rate=0.02)  # another resume key
+def test_a_checkpoint_that_cannot_be_resumed_ends_its_run_killed_naming_the_new_one(crashed_base, tmp_path):
+    project, old = _crashed(crashed_base, tmp_path / "abandoned", epochs=1, learning_rate=0.02)  # another resume key
     assert old.info.status == "RUNNING"
 
     output = run(TRAIN_ARGV, project, env=_env())

@@ -9,6 +9,7 @@ model folder dvc.yaml's train stage writes, and params.yaml's ``sample`` section
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import typing
 from dataclasses import dataclass, replace
@@ -110,6 +111,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_folder(model_path: str):
+    """The model folder itself, or a registered model or run's model (``models:/``, ``runs:/``)
+    downloaded into a temporary folder that the block's end removes."""
+    if not model_path.startswith(("models:/", "runs:/")):
+        return contextlib.nullcontext(Path(model_path))
+    import mlflow
+
+    from charrnn import tracking_store as tracking
+    from charrnn.quiet import quiet_python_logs
+    from charrnn.serving import downloaded_model_dir
+
+    quiet_python_logs()  # no download progress bars
+    tracking.check_server()
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    return downloaded_model_dir(model_path)
+
+
 def generate(args) -> None:
     defaults = generate_defaults()
     model_path = args.model or defaults.model
@@ -120,34 +138,21 @@ def generate(args) -> None:
     given = {name: getattr(args, name) for name in ("length", "temperature", "top_k", "num_samples", "seed")}
     options = replace(defaults.options, **{k: v for k, v in given.items() if v is not None})
     options.check()  # before TensorFlow and the model load
-    if not model_path.startswith(("models:/", "runs:/")):  # the folder, as far as it can be checked
+    with _model_folder(model_path) as model_dir:
+        # The folder, the prime and the options checked, as far as they can be, before TensorFlow loads.
         from charrnn.artifacts import check_model_dir
 
-        vocabulary = check_model_dir(Path(model_path))
+        vocabulary = check_model_dir(model_dir)
         options.check(len(vocabulary))
         vocabulary.encode(prime)
 
-    from charrnn.prologue import before_tensorflow, loading_tensorflow
+        from charrnn.prologue import before_tensorflow, loading_tensorflow
 
-    before_tensorflow()
-    with loading_tensorflow():
-        from charrnn.generate import Generator
-        from charrnn.model import load_model_dir
-
-    if model_path.startswith(("models:/", "runs:/")):
-        import mlflow
-
-        from charrnn import tracking_store as tracking
-        from charrnn.serving import downloaded_model_dir
-
-        tracking.check_server()
-        mlflow.set_tracking_uri(tracking.tracking_uri())
-        with downloaded_model_dir(model_path) as model_dir:  # read into memory, then removed
-            model, vocabulary = load_model_dir(model_dir)
-    else:
-        model, vocabulary = load_model_dir(model_path)
-    options.check(len(vocabulary))
-    vocabulary.encode(prime)
+        before_tensorflow()
+        with loading_tensorflow():
+            from charrnn.generate import Generator
+            from charrnn.model import load_model_dir
+        model, vocabulary = load_model_dir(model_dir)
     generator = Generator(model, vocabulary)
     if options.num_samples == 1:  # print as it goes
         sys.stdout.write(prime)
