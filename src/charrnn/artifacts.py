@@ -31,7 +31,8 @@ MODEL_FILE = "model.keras"
 SUMMARY_FILE = "model_summary.txt"
 
 __all__ = ["VOCABULARY_FILE", "TRAIN_IDS", "VAL_IDS", "CORPUS_FILE", "MANIFEST_FILE", "SPLITS", "MODEL_FILE",
-           "SUMMARY_FILE", "load_ids", "load_manifest", "shard_paths", "training_inputs", "check_model_dir"]
+           "SUMMARY_FILE", "load_ids", "load_manifest", "shard_paths", "training_inputs", "check_model_dir",
+           "check_output_size"]
 
 
 def load_ids(vectorized_dir: Path) -> tuple[Vocabulary, np.ndarray, np.ndarray]:
@@ -112,12 +113,18 @@ def check_model_dir(model_dir: Path) -> Vocabulary:
         raise UserError(f"{path} is not a Keras model: not a zip archive (damaged or replaced); retrain it with `dvc repro`")
     vocabulary = Vocabulary.load(model_dir / VOCABULARY_FILE)
     output_size = _logits_units(path)
-    if output_size is not None and output_size != len(vocabulary):
+    if output_size is not None:
+        check_output_size(model_dir, output_size, vocabulary)
+    return vocabulary
+
+
+def check_output_size(model_dir: Path, output_size: int, vocabulary: Vocabulary) -> None:
+    """The model predicts one logit per symbol of the vocabulary saved beside it."""
+    if output_size != len(vocabulary):
         raise UserError(
             f"{model_dir}: vocabulary has {len(vocabulary)} characters but the model predicts "
             f"{output_size}; use the vocabulary.json saved with this model"
         )
-    return vocabulary
 
 
 def _logits_units(path: Path) -> int | None:

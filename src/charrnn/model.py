@@ -271,9 +271,5 @@ def load_model_dir(model_dir: Path, compile: bool = False) -> tuple[keras.Model,
         model.get_layer("embedding")
     except ValueError:
         raise UserError(f"{model_dir / MODEL_FILE} is not a char-rnn model (no embedding/logits layers)") from None
-    if output_size != len(vocabulary):
-        raise UserError(
-            f"{model_dir}: vocabulary has {len(vocabulary)} characters but the model predicts "
-            f"{output_size}; use the vocabulary.json saved with this model"
-        )
+    artifacts.check_output_size(model_dir, output_size, vocabulary)
     return model, vocabulary
