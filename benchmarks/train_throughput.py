@@ -96,6 +96,12 @@ SQUARE_LABEL = "square_{0}x{1}@{1}x{2}".format(*BIG_SQUARE)
 LSTMS = ("stock", "fused_tfops", "fused_cell", "fused")
 COMPILED = {"fused_tfops": False, "fused_cell": "cell", "fused": True}
 PRECISIONS = ("float32", "mixed_bfloat16")
+PRECISION_DTYPES = {"float32": "float32", "mixed_bfloat16": "bfloat16"}
+# --emulate-avx2: what an AVX2-only CPU runs, on one that has more (AVX-512, AMX): the compiled LSTM
+# ops built for Haswell (AVX2 + FMA), oneDNN (TensorFlow's and PyTorch's) and PyTorch's own kernels
+# and MKL held to AVX2. The cores' clocks, caches and load ports stay those of this CPU.
+EMULATE_AVX2 = {"CHARRNN_OPS_MARCH": "haswell", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 DATA = ("memory", "tfrecord")
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
 TORCH_SKIPPED = {"skipped": "pip install -e .[bench]"}
@@ -178,7 +184,7 @@ def child_tf_matmul(args) -> dict:
     out = {}
     for label, (m, k, n) in matmul_shapes(args.configs).items():
         row = {}
-        for dtype in (tf.float32, tf.bfloat16):
+        for dtype in (tf.as_dtype(args.dtype),) if args.dtype else (tf.float32, tf.bfloat16):
             a = tf.cast(tf.random.normal([m, k]), dtype)
             b = tf.cast(tf.random.normal([k, n]), dtype)
             f = tf.function(lambda a=a, b=b: tf.matmul(a, b))
@@ -327,7 +333,9 @@ def child_torch(args) -> dict:
 
         return step
 
-    steps, failed = {"float32": make_step(False), "bfloat16_autocast": make_step(True)}, {}
+    steps, failed = {"float32": make_step(False)}, {}
+    if "mixed_bfloat16" in args.precisions:
+        steps["bfloat16_autocast"] = make_step(True)
     for name, step in list(steps.items()):
         try:
             for _ in range(args.warmup):
@@ -353,6 +361,8 @@ def child_torch_matmul(args) -> dict:
     for label, (m, k, n) in matmul_shapes(args.configs).items():
         row = {}
         for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            if name not in [PRECISION_DTYPES[p] for p in args.precisions]:
+                continue
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
             row[name] = time_matmul(lambda a=a, b=b: torch.matmul(a, b), 2.0 * m * k * n, args.repeats, args.matmul_s)
         out[label] = row
@@ -367,10 +377,12 @@ CHILDREN = {"tf_matmul": child_tf_matmul, "shards": child_shards, "keras": child
 
 
 def run_child(kind: str, args, **extra) -> dict:
-    """Run this file as a child ``kind`` and wait for it (blocking); returns its JSON."""
+    """Run this file as a child ``kind`` and wait for it (blocking); returns its JSON. A child that
+    fails ends the benchmark (SystemExit), but for the ones :func:`tf_matmul_rates` runs."""
     argv = [sys.executable, __file__, "--child", kind, "--workdir", args.workdir,
             "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-            "--matmul-s", str(args.matmul_s), "--configs", ",".join(args.configs)]
+            "--matmul-s", str(args.matmul_s), "--configs", ",".join(args.configs),
+            "--precisions", ",".join(args.precisions)]
     for key, value in extra.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -389,6 +401,24 @@ def run_child(kind: str, args, **extra) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def tf_matmul_rates(args) -> dict:
+    """TensorFlow's matmul rates, one child per dtype: oneDNN aborts the process where it cannot
+    build a bfloat16 matmul (e.g. held to AVX2 on a CPU that has more), which then loses only the
+    bfloat16 figures (each shape's ``bfloat16`` becomes NaN, and ``bfloat16_failed`` says why)."""
+    rates: dict = {}
+    for dtype in [PRECISION_DTYPES[p] for p in args.precisions]:
+        try:
+            by_shape = run_child("tf_matmul", args, dtype=dtype)
+        except SystemExit as failed:
+            if dtype == "float32":
+                raise
+            by_shape = {label: {dtype: float("nan")} for label in rates}
+            rates[f"{dtype}_failed"] = str(failed)
+        for label, row in by_shape.items():
+            rates.setdefault(label, {}).update(row)
+    return rates
+
+
 def summarise(runs) -> dict:
     return {"tokens_per_s": round(median(runs)), "runs": [round(r) for r in runs]}
 
@@ -400,7 +430,7 @@ def torch_skipped(args) -> dict:
 def measure_config(name: str, args, with_torch: bool) -> dict:
     embedding, units, batch, seq, default_steps = CONFIGS[name]
     steps = args.steps or default_steps
-    variants = [f"{lstm}/{precision}/{data}" for data in DATA for precision in PRECISIONS for lstm in LSTMS]
+    variants = [f"{lstm}/{precision}/{data}" for data in DATA for precision in args.precisions for lstm in LSTMS]
     keras_out = run_child("keras", args, config=name, steps=steps, variants=variants)
     result = {"embedding": embedding, "units": units, "batch": batch, "seq": seq,
               "vocab_size": keras_out["vocab_size"], "timed_steps_per_repeat": steps,
@@ -416,23 +446,23 @@ def measure_config(name: str, args, with_torch: bool) -> dict:
         reference = result["torch"]["float32"]["tokens_per_s"]
         result["ratio_to_torch_fp32"] = {
             f"{lstm}/{precision}/{data}": round(result["keras"][lstm][precision][data]["tokens_per_s"] / reference, 3)
-            for lstm in LSTMS for precision in PRECISIONS for data in DATA}
-        if "tokens_per_s" in result["torch"]["bfloat16_autocast"]:
+            for lstm in LSTMS for precision in args.precisions for data in DATA}
+        if "tokens_per_s" in result["torch"].get("bfloat16_autocast", {}):
             result["ratio_to_torch_fp32"]["torch/bfloat16_autocast/memory"] = round(
                 result["torch"]["bfloat16_autocast"]["tokens_per_s"] / reference, 3)
     else:
         result["torch"] = torch_skipped(args)
     k = result["keras"]
     result["fused_over_stock"] = {f"{p}/{d}": round(k["fused"][p][d]["tokens_per_s"] / k["stock"][p][d]["tokens_per_s"], 3)
-                                  for p in PRECISIONS for d in DATA}
+                                  for p in args.precisions for d in DATA}
     # what the compiled cell ops (charrnn.cell_ops) add to the fused kernel
     result["compiled_over_tfops"] = {f"{p}/{d}": round(k["fused"][p][d]["tokens_per_s"] / k["fused_tfops"][p][d]["tokens_per_s"], 3)
-                                     for p in PRECISIONS for d in DATA}
+                                     for p in args.precisions for d in DATA}
     # what running the whole recurrence in one compiled op adds to the per-step cell ops
     result["sequence_over_cell"] = {f"{p}/{d}": round(k["fused"][p][d]["tokens_per_s"] / k["fused_cell"][p][d]["tokens_per_s"], 3)
-                                    for p in PRECISIONS for d in DATA}
+                                    for p in args.precisions for d in DATA}
     result["tfrecord_over_memory"] = {f"{lstm}/{p}": round(k[lstm][p]["tfrecord"]["tokens_per_s"] / k[lstm][p]["memory"]["tokens_per_s"], 3)
-                                      for lstm in LSTMS for p in PRECISIONS}
+                                      for lstm in LSTMS for p in args.precisions}
     return result
 
 
@@ -450,8 +480,8 @@ def share_of_matmul_rate(result: dict, square: dict) -> dict:
     and the tokens/s that would mean (``ceiling_tokens_per_s``)."""
     flop = matmul_flop_per_token(result)
     out = {"matmul_flop_per_token": flop,
-           "ceiling_tokens_per_s": {"float32": round(square["float32"] * 1e9 / flop),
-                                    "bfloat16": round(square["bfloat16"] * 1e9 / flop)}}
+           "ceiling_tokens_per_s": {dtype: round(square[dtype] * 1e9 / flop) for dtype in ("float32", "bfloat16")
+                                    if square.get(dtype, float("nan")) == square.get(dtype, float("nan"))}}
     for lstm, by_precision in result["keras"].items():
         for precision, by_data in by_precision.items():
             peak = square["bfloat16" if "bfloat16" in precision else "float32"]
@@ -513,6 +543,11 @@ def main() -> None:
     parser.add_argument("--matmul-s", type=float, default=None, help="seconds per matmul repeat (default 0.3)")
     parser.add_argument("--quick", action="store_true", help="2 repeats, 1 timed step, 1 determinism round")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    parser.add_argument("--precisions", type=csv_list(PRECISIONS), default=list(PRECISIONS),
+                        help="comma-separated, from: float32, mixed_bfloat16 (default: both)")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="run every child as on an AVX2-only CPU (see EMULATE_AVX2); the report says so")
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
     # child-process plumbing
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -537,9 +572,12 @@ def main() -> None:
     with_torch = torch_available() and not args.no_torch
     started = time.perf_counter()
     report = {"machine": machine_info()}
+    if args.emulate_avx2:
+        os.environ.update(EMULATE_AVX2)  # the children inherit it
+        report["machine"]["emulated"] = EMULATE_AVX2
     with tempfile.TemporaryDirectory(prefix="train_throughput-") as workdir:
         args.workdir = workdir
-        report["matmul_gflops"] = {"tensorflow": run_child("tf_matmul", args)}
+        report["matmul_gflops"] = {"tensorflow": tf_matmul_rates(args)}
         if with_torch:
             report["matmul_gflops"]["torch"] = run_child("torch_matmul", args)["matmul_gflops"]
         else:

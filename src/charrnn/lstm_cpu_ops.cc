@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <vector>
 #include <type_traits>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -256,8 +257,14 @@ namespace {
 using Packet = Eigen::internal::packet_traits<float>::type;
 using tensorflow::bfloat16;
 constexpr int kLanes = Eigen::internal::unpacket_traits<Packet>::size;
-constexpr int kForwardRows = kLanes >= 16 ? 6 : 2;   // row tile: accumulators fit the registers
-constexpr int kBackwardRows = kLanes >= 16 ? 8 : 3;
+// Row tiles: rows x vectors accumulators, plus the panel's vectors and a broadcast, fit the vector
+// registers (32 with AVX-512, 16 with AVX2) with at least 8 accumulators in flight, so that two FMA
+// pipes of four cycles' latency never wait (AVX2: 6 x 2 + 2 + 1 = 15).
+// With AVX2 the forward product runs in two passes of two gates each (6 x 2 accumulators): four
+// gates at once leave room for only 2 rows (8 accumulators, which the FMAs' latency exposes).
+constexpr int kForwardVectors = kLanes >= 16 ? 4 : 2;
+constexpr int kForwardRows = 6;
+constexpr int kBackwardRows = kLanes >= 16 ? 8 : 6;
 constexpr int kBackwardVectors = 2;
 template <typename T>
 constexpr int kPair = std::is_same<T, float>::value ? 1 : 2;  // k values per lane in a panel
@@ -339,6 +346,44 @@ inline void ForRowTile(int64_t tile, int64_t rows, Fn&& fn) {
     default: break;
   }
 }
+
+// Row tiles [tile0, tile1) of the batch's `rows` (kRows per tile) times one packed panel of NV
+// vectors: each tile's accumulators start as init(acc, r0), take the product over `depth` (a is
+// row-major with leading dimension lda, the panel as PackPanel packs it) and are stored in `out`
+// ([rows][NV][lanes] floats, from row 0 of the batch); then finish(r0, R) runs per tile. finish
+// runs after the products, not in them: a call there that the compiler does not inline would keep
+// the accumulators in memory. (Running the depth in chunks that stay in L1 gained nothing with
+// these row tiles, and cost the AVX-512 forward a fifth: lstm_recurrence.py.)
+template <int kRows, int NV, typename T, typename Init, typename Finish>
+void RowTileProducts(int64_t tile0, int64_t tile1, int64_t rows, const T* a, int64_t lda, const T* panel,
+                     int64_t depth, float* out, Init&& init, Finish&& finish) {
+  for (int64_t tile = tile0; tile < tile1; ++tile)
+    ForRowTile<kRows>(tile, rows, [&](auto r, int64_t r0) {
+      constexpr int R = decltype(r)::value;
+      Packet acc[R][NV];
+      init(acc, r0);
+      TileProduct<R, NV>(a + r0 * lda, lda, panel, depth, acc);
+      for (int i = 0; i < R; ++i)
+        for (int v = 0; v < NV; ++v) Store(out + ((r0 + i) * NV + v) * kLanes, acc[i][v]);
+      finish(r0, R);
+    });
+}
+
+// Work items of a step: unit blocks, each split into row groups where there are too few blocks to
+// keep every thread busy (or into single row tiles, for AMX). Item i covers block i / groups and row tiles [first, last) of its group.
+struct Items {
+  int64_t blocks, groups, row_tiles;
+  Items(OpKernelContext* ctx, int64_t blocks, int64_t row_tiles, bool one_tile_per_item = false)
+      : blocks(blocks), row_tiles(row_tiles) {
+    const int64_t threads = ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
+    groups = one_tile_per_item ? row_tiles
+                               : std::min(row_tiles, std::max<int64_t>(1, (2 * threads + blocks - 1) / blocks));
+  }
+  int64_t count() const { return blocks * groups; }
+  int64_t block(int64_t item) const { return item / groups; }
+  int64_t first_tile(int64_t item) const { return item % groups * row_tiles / groups; }
+  int64_t last_tile(int64_t item) const { return (item % groups + 1) * row_tiles / groups; }
+};
 
 // ---- AMX: the bfloat16 recurrent product on Intel's tile unit, where the CPU has one ----------
 //
@@ -471,15 +516,19 @@ class LstmSequenceForward : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({steps, batch, u}), &hs));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, c0.shape(), &c_last));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, tensorflow::TensorShape({steps, batch, 6 * u}), &saved));
-    // One panel per block of kLanes units: the four gates' columns of those units side by side.
+    // Per block of kLanes units, the four gates' columns of those units side by side: one panel of
+    // four vectors, or (AVX2) two panels of two, gates (i, f) then (c, o).
     Tensor panel_t;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<Tmm>::value,
                                            tensorflow::TensorShape({u * 4 * u}), &panel_t));
     Tmm* panel = panel_t.flat<Tmm>().data();
     const int64_t blocks = u / kLanes;
+    constexpr int kPasses = 4 / kForwardVectors;
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t cols[4] = {blk * kLanes, u + blk * kLanes, 2 * u + blk * kLanes, 3 * u + blk * kLanes};
-      PackPanel(rk.flat<Tmm>().data(), 4 * u, false, u, cols, 4, panel + blk * u * 4 * kLanes);
+      for (int pass = 0; pass < kPasses; ++pass)
+        PackPanel(rk.flat<Tmm>().data(), 4 * u, false, u, cols + pass * kForwardVectors, kForwardVectors,
+                  panel + (blk * kPasses + pass) * u * kForwardVectors * kLanes);
     }
     float* c = c_last->flat<float>().data();
     std::copy_n(c0.flat<float>().data(), batch * u, c);
@@ -489,6 +538,7 @@ class LstmSequenceForward : public OpKernel {
     const bool amx = std::is_same<Tmm, bfloat16>::value && batch % kAmxRows == 0 && u % 32 == 0 && AmxUsable();
     const int64_t row_tiles = amx ? batch / kAmxRows : RowTiles(batch, kForwardRows);
     const int64_t tile_cost = kForwardRows * 4 * kLanes * (2 * u + 40);
+    const Items items(ctx, blocks, row_tiles);
 
     // Row b's gates for units [j, j + kLanes) from its pre-activations z (i, f, g, o).
     auto gates = [&](const Packet (&z)[4], int64_t b, int64_t j, Tmm* h_t, float* s_t) {
@@ -560,17 +610,31 @@ class LstmSequenceForward : public OpKernel {
         }
       }
 #endif
-      ForEachRow(ctx, row_tiles * blocks, tile_cost, [&](int64_t begin, int64_t end) {
+      ForEachRow(ctx, items.count(), tile_cost * row_tiles / items.groups, [&](int64_t begin, int64_t end) {
+        std::vector<float> z(kPasses * batch * kForwardVectors * kLanes);  // [pass][row][vector][lane]
         for (int64_t item = begin; item < end; ++item) {
-          const int64_t blk = item / row_tiles, j = blk * kLanes;
-          ForRowTile<kForwardRows>(item % row_tiles, batch, [&](auto rows, int64_t r0) {
-            constexpr int R = decltype(rows)::value;
-            Packet acc[R][4];
-            for (int r = 0; r < R; ++r)
-              for (int g = 0; g < 4; ++g) acc[r][g] = Load(x_t + (r0 + r) * 4 * u + g * u + j);
-            TileProduct<R, 4>(h_prev + r0 * u, u, panel + blk * u * 4 * kLanes, u, acc);
-            for (int r = 0; r < R; ++r) gates(acc[r], r0 + r, j, h_t, s_t);
-          });
+          const int64_t blk = items.block(item), j = blk * kLanes;
+          for (int pass = 0; pass < kPasses; ++pass) {
+            float* z_pass = z.data() + pass * batch * kForwardVectors * kLanes;
+            RowTileProducts<kForwardRows, kForwardVectors>(
+                items.first_tile(item), items.last_tile(item), batch, h_prev, u,
+                panel + (blk * kPasses + pass) * u * kForwardVectors * kLanes, u, z_pass,
+                [&](auto& acc, int64_t r0) {  // z starts as xz
+                  for (int r = 0; r < std::extent<std::remove_reference_t<decltype(acc)>>::value; ++r)
+                    for (int v = 0; v < kForwardVectors; ++v)
+                      acc[r][v] = Load(x_t + (r0 + r) * 4 * u + (pass * kForwardVectors + v) * u + j);
+                },
+                [&](int64_t r0, int rows) {
+                  if (pass + 1 < kPasses) return;  // the gates once every pass is done
+                  for (int64_t b = r0; b < r0 + rows; ++b) {
+                    Packet zr[4];
+                    for (int g = 0; g < 4; ++g)
+                      zr[g] = Load(z.data() + ((g / kForwardVectors * batch + b) * kForwardVectors +
+                                               g % kForwardVectors) * kLanes);
+                    gates(zr, b, j, h_t, s_t);
+                  }
+                });
+          }
         }
       });
     }
@@ -625,14 +689,15 @@ class LstmSequenceBackward : public OpKernel {
     const int64_t row_tiles = amx ? batch / kAmxRows : RowTiles(batch, kBackwardRows);
     const int64_t tile_cost = kBackwardRows * wide * (8 * u + 20);
 
-    // For one (row tile, unit block): dh_next[rows, block] = dz_src[rows] @ rk[block]^T (kept as
-    // it is when dz_src is null), then then(r0, rows, j, width).
-    auto recurrent_product = [&](const Tmm* dz_src, int64_t item, auto&& then) {
-      const int64_t blk = item / row_tiles, j = blk * wide, w = std::min(wide, u - j);
+    // Item i's rows and unit block: dh_next[rows, block] = dz_src[rows] @ rk[block]^T (kept as it
+    // is when dz_src is null), then then(r0, rows, j, width) per row tile.
+    const Items items(ctx, blocks, row_tiles, /*one_tile_per_item=*/amx);
+    auto recurrent_product = [&](const Tmm* dz_src, int64_t item, float* parked, auto&& then) {
+      const int64_t blk = items.block(item), j = blk * wide, w = std::min(wide, u - j);
 #if defined(CHARRNN_AMX)
       if constexpr (std::is_same<Tmm, bfloat16>::value && kBackwardVectors == 2) {
         if (amx) {  // 16 rows x 32 units: C tiles 0 and 1, A tile 4, B tiles 5 and 6
-          const int64_t r0 = item % row_tiles * kAmxRows;
+          const int64_t r0 = items.first_tile(item) * kAmxRows;
           if (dz_src != nullptr) {
             _tile_zero(0);
             _tile_zero(1);
@@ -653,34 +718,40 @@ class LstmSequenceBackward : public OpKernel {
         }
       }
 #endif
-      ForRowTile<kBackwardRows>(item % row_tiles, batch, [&](auto rows, int64_t r0) {
-        constexpr int R = decltype(rows)::value;
-        auto product = [&](auto vectors) {
-          constexpr int NV = decltype(vectors)::value;
-          Packet acc[R][NV];
-          for (int r = 0; r < R; ++r)
-            for (int v = 0; v < NV; ++v) acc[r][v] = Broadcast(0.0f);
-          TileProduct<R, NV>(dz_src + r0 * 4 * u, 4 * u, panel + j * 4 * u, 4 * u, acc);
-          for (int r = 0; r < R; ++r)
-            for (int v = 0; v < NV; ++v) Store(dh_next + (r0 + r) * u + j + v * kLanes, acc[r][v]);
-        };
-        if (dz_src != nullptr) {
-          if (w == wide) product(std::integral_constant<int, kBackwardVectors>{});
-          else product(std::integral_constant<int, 1>{});
-        }
-        then(r0, R, j, w);
-      });
+      if (dz_src == nullptr) {
+        for (int64_t tile = items.first_tile(item); tile < items.last_tile(item); ++tile)
+          ForRowTile<kBackwardRows>(tile, batch, [&](auto rows, int64_t r0) { then(r0, decltype(rows)::value, j, w); });
+        return;
+      }
+      auto product = [&](auto vectors) {
+        constexpr int NV = decltype(vectors)::value;
+        RowTileProducts<kBackwardRows, NV>(
+            items.first_tile(item), items.last_tile(item), batch, dz_src, 4 * u, panel + j * 4 * u, 4 * u, parked,
+            [](auto& acc, int64_t) {
+              for (auto& row : acc)
+                for (auto& v : row) v = Broadcast(0.0f);
+            },
+            [&](int64_t r0, int rows) {
+              for (int64_t b = r0; b < r0 + rows; ++b)
+                std::copy_n(parked + b * NV * kLanes, NV * kLanes, dh_next + b * u + j);
+              then(r0, rows, j, w);
+            });
+      };
+      if (w == wide) product(std::integral_constant<int, kBackwardVectors>{});
+      else product(std::integral_constant<int, 1>{});
     };
+    const int64_t item_cost = tile_cost * row_tiles / items.groups;
 
     for (int64_t t = steps - 1; t >= 0; --t) {
       const Tmm* dz_next = t == steps - 1 ? nullptr : dz_p + (t + 1) * batch * 4 * u;
       const float* do_t = dhs_p + t * batch * u;
       const float* s_t = s_p + t * batch * 6 * u;
       Tmm* dz_t = dz_p + t * batch * 4 * u;
-      ForEachRow(ctx, row_tiles * blocks, tile_cost, [&](int64_t begin, int64_t end) {
+      ForEachRow(ctx, items.count(), item_cost, [&](int64_t begin, int64_t end) {
         TilesIf tiles(amx);
+        std::vector<float> parked(batch * wide);
         for (int64_t item = begin; item < end; ++item) {
-          recurrent_product(dz_next, item, [&](int64_t r0, int rows, int64_t j, int64_t w) {
+          recurrent_product(dz_next, item, parked.data(), [&](int64_t r0, int rows, int64_t j, int64_t w) {
             using Eigen::internal::padd;
             using Eigen::internal::pmadd;
             using Eigen::internal::pmul;
@@ -701,10 +772,11 @@ class LstmSequenceBackward : public OpKernel {
       });
     }
     if (steps > 0) {  // dh0 = dz[0] @ rk^T (dh_last itself when there are no steps)
-      ForEachRow(ctx, row_tiles * blocks, tile_cost, [&](int64_t begin, int64_t end) {
+      ForEachRow(ctx, items.count(), item_cost, [&](int64_t begin, int64_t end) {
         TilesIf tiles(amx);
+        std::vector<float> parked(batch * wide);
         for (int64_t item = begin; item < end; ++item)
-          recurrent_product(dz_p, item, [](int64_t, int, int64_t, int64_t) {});
+          recurrent_product(dz_p, item, parked.data(), [](int64_t, int, int64_t, int64_t) {});
       });
     }
     std::copy_n(dh_next, batch * u, dh0->flat<float>().data());
