@@ -20,9 +20,9 @@ with the same (float32) weights read by a float32 model: what the precision cost
 apart from what it cost in training.
 
 With no options it trains the model of ``params.yaml``'s ``train`` section (the pipeline's
-default) the way the train stage does: the fast CPU LSTM installed, ``train.precision`` resolved
-(``auto``), and the pipeline's own learning-rate schedule (``train.lr_decay_fraction``: Keras'
-``CosineDecay`` over the last share of the steps), laid out over the steps the budget allows at
+default) the way the train stage does: the fast CPU LSTM installed, ``train.precision`` and
+``train.lstm_kernel`` resolved (``auto``), and the pipeline's own learning-rate schedule
+(``train.lr_decay_fraction``: Keras' ``CosineDecay`` over the last share of the steps), laid out over the steps the budget allows at
 the speed a short calibration run measured (its mean step time after 5 warm-up steps; the last line
 says over how many steps it was laid out and how many were trained). What can be varied: the model
 (``--rnn-units``, ``--num-layers``, ``--cell gru``, ...), the regularisers (``--dropout``,
@@ -49,7 +49,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from charrnn import artifacts, lstm_cpu, precision, sequences
+from charrnn import artifacts, autotune, lstm_cpu, sequences
 from charrnn.config import TrainConfig, load_params, replace
 from charrnn.model import compile_model, learning_rate_schedule, model_from_config
 from charrnn.batches import training_dataset, validation_dataset
@@ -160,7 +160,7 @@ def main() -> None:
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("batch_size", "embedding_dim", "rnn_units", "num_layers", "cell", "dropout", "input_dropout",
                           "variational_dropout", "learning_rate", "lr_decay_fraction", "clipnorm", "weight_decay",
-                          "ema_momentum", "precision", "seed"):
+                          "ema_momentum", "precision", "lstm_kernel", "seed"):
             kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes"),
                     }.get(str(field.type).split(" ")[0], float)
             if str(field.type).endswith("| None"):  # --ema-momentum null: off
@@ -171,7 +171,7 @@ def main() -> None:
                      num_layers=args.num_layers, cell=args.cell, dropout=args.dropout, input_dropout=args.input_dropout,
                      variational_dropout=args.variational_dropout, ema_momentum=args.ema_momentum,
                      learning_rate=args.learning_rate, clipnorm=args.clipnorm, weight_decay=args.weight_decay,
-                     precision=args.precision, seed=args.seed,
+                     precision=args.precision, lstm_kernel=args.lstm_kernel, seed=args.seed,
                      epochs=1_000, lr_decay_fraction=args.lr_decay_fraction, jit_compile=args.jit_compile)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,14 +183,17 @@ def main() -> None:
         val_paths = artifacts.shard_paths(tmp / "seq", manifest, "val")
         val_windows = manifest["splits"]["val"]["windows"]
         vocab_size = len(vectorized.vocabulary)
-        policy, why, _ = precision.resolve(args.precision, config, vocab_size, args.seq_length)
-        print(f"precision {policy} ({why})", flush=True)
-        config = dataclasses.replace(config, precision=policy)
+        kernels = lstm_cpu.available_kernels(config.cell, config.rnn_units, config.precision == "mixed_bfloat16",
+                                             args.jit_compile)
+        resolved = autotune.resolve(config, vocab_size, args.seq_length, kernels)  # as the train stage does
+        print(f"precision {resolved.policy} ({resolved.why}); LSTM path {resolved.kernel} ({resolved.kernel_why})",
+              flush=True)
+        config = dataclasses.replace(config, precision=resolved.policy, lstm_kernel=resolved.kernel)
         configure_determinism(config)
         stateful = args.layout == "streams"
         def new_model(stateful_batch=None, precision=None):
             model = model_from_config(vocab_size, config, precision=precision, stateful_batch=stateful_batch)
-            lstm_cpu.install_model(model)  # as the train stage does
+            lstm_cpu.install_model(model, kernel=config.lstm_kernel)  # as the train stage does
             return model
 
         learning_rate, total_steps = config.learning_rate, None
@@ -261,7 +264,8 @@ def main() -> None:
                       "steps": steps, "scheduled_steps": total_steps, "tokens": tokens, "series": budget.series,
                       "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"},
                       "seq_length": args.seq_length, "layout": args.layout, "warmup_seconds": args.warmup_seconds,
-                      "schedule": args.schedule, "precision_why": why}))
+                      "schedule": args.schedule, "precision_why": resolved.why,
+                      "lstm_kernel_why": resolved.kernel_why}))
 
 
 if __name__ == "__main__":

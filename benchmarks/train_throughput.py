@@ -94,7 +94,7 @@ SQUARE_LABEL = "square_{0}x{1}@{1}x{2}".format(*BIG_SQUARE)
 # compiled per-step cell ops; fused: what the pipeline trains with (the compiled whole-sequence ops
 # where they apply, else fused_cell)
 LSTMS = ("stock", "fused_tfops", "fused_cell", "fused")
-COMPILED = {"fused_tfops": False, "fused_cell": "cell", "fused": True}
+KERNEL = {"fused_tfops": "tf", "fused_cell": "cell", "fused": "sequence"}  # lstm_cpu.KERNELS
 PRECISIONS = ("float32", "mixed_bfloat16")
 PRECISION_DTYPES = {"float32": "float32", "mixed_bfloat16": "bfloat16"}
 # --emulate-avx2: what an AVX2-only CPU runs, on one that has more (AVX-512, AMX): the compiled LSTM
@@ -275,7 +275,7 @@ def child_keras(args) -> dict:
             model = build_model(vocab, embedding_dim=embedding, rnn_units=units, num_layers=1, dropout=0.0,
                                 cell="lstm", precision=precision)
             if lstm.startswith("fused"):
-                installed = lstm_cpu.install_model(model, compiled=COMPILED[lstm])
+                installed = lstm_cpu.install_model(model, kernel=KERNEL[lstm])
                 if installed != 1:
                     raise SystemExit(f"lstm_cpu.install_model installed {installed} layers, expected 1")
             compile_model(model, 1e-3)

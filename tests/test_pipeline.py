@@ -135,7 +135,10 @@ def test_pipeline_end_to_end(trained_project, tmp_path):
     # One line says what runs (precision and why, the LSTM kernel), and the run records the same.
     (says,) = [line for line in first.stdout.splitlines() if line.startswith("train: precision ")]
     assert "float32 (set in params.yaml); LSTM: " in says
-    assert run_.data.tags["charrnn.lstm_kernel"] == says.split("; LSTM: ", 1)[1]
+    assert says.split("; LSTM: ", 1)[1] == run_.data.tags["charrnn.lstm_kernel"] + " (set in params.yaml)"
+    assert run_.data.tags["charrnn.lstm_kernel_path"] == run_.data.params["train.lstm_kernel_resolved"] == "sequence"
+    assert json.loads((project / "metrics" / "train.json").read_text()) == {
+        "precision": "float32", "lstm_kernel": run_.data.tags["charrnn.lstm_kernel"], "lstm_kernel_path": "sequence"}
     assert run_.data.tags["charrnn.precision"] == run_.data.params["train.precision_resolved"] == "float32"
     assert "charrnn.ops_build" in run_.data.tags
     corpus = json.loads((project / "data/vectorized/corpus.json").read_text())

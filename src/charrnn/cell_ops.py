@@ -3,7 +3,7 @@
 TensorFlow's pip package ships its headers and ``tf.sysconfig`` gives the flags to build ops
 against it, so the kernels (one LSTM step's gate arithmetic per direction, and the whole
 recurrence per direction) are compiled here, on the user's machine, the first time a
-CPU training needs them, and cached beside the precision verdict (``~/.cache/charrnn/ops/<key>/``,
+CPU training needs them, and cached beside the train-step timings (``~/.cache/charrnn/ops/<key>/``,
 the key covering the source, TensorFlow's version, the machine, the compiler and the target). One process
 builds per key (a file lock); the others wait and load its build. Where there is no C++ compiler,
 or the build or load fails, :func:`load` returns None with a one-line note (a failed build is
@@ -35,7 +35,7 @@ _loaded: dict = {}
 
 
 def cache_dir() -> Path:
-    return machine.cache_dir() / "ops"  # beside the precision verdict
+    return machine.cache_dir() / "ops"  # beside the train-step timings (autotune)
 
 
 def requested_target() -> list[str] | None:

@@ -74,6 +74,7 @@ class TrainConfig:
     weight_decay: float = _field(NON_NEGATIVE)
     ema_momentum: float | None = _field(_rule(lambda v: 0 < v < 1, "must be in (0, 1), or null for off"))
     precision: str = _field(_choice("auto", "float32", "mixed_bfloat16", "mixed_float16"))
+    lstm_kernel: str = _field(_choice("auto", "sequence", "cell", "tf"))
     strategy: str = _field(_choice("default", "mirrored", "multi_worker"))
     shuffle_buffer: int = _field(POSITIVE)
     deterministic: bool = _field()

@@ -32,9 +32,14 @@ import tensorflow as tf
 from charrnn import cell_ops, seams
 from charrnn.lstm_fused import fused_lstm
 
-__all__ = ["install", "install_model", "uninstall", "is_installed", "eligible"]
+__all__ = ["install", "install_model", "uninstall", "is_installed", "eligible", "available_kernels", "KERNELS"]
 
 _ATTR = "_charrnn_fused_lstm_original_inner_loop"
+
+# The paths that compute the fused LSTM (``train.lstm_kernel``), as fused_lstm's ``compiled``: the
+# whole recurrence in one compiled op per direction, one compiled op per timestep around TensorFlow's
+# matmul, or TensorFlow's ops only. They compute the same math; results differ in the last bits.
+KERNELS = {"sequence": "sequence", "cell": "cell", "tf": False}
 
 
 # ---- installing it into keras.layers.LSTM -----------------------------------------------------
@@ -65,24 +70,28 @@ def is_installed(layer) -> bool:
     return _ATTR in layer.__dict__
 
 
-def install(layer, *, force: bool = False, matmul_dtype=None, compiled: bool = True) -> bool:
+def install(layer, *, force: bool = False, matmul_dtype=None, kernel: str = "sequence") -> bool:
     """Make ``layer`` (a built or unbuilt ``keras.layers.LSTM``) run :func:`~charrnn.lstm_fused.fused_lstm`.
 
     Only the instance's ``inner_loop`` is replaced (and ``supports_jit`` set, so that
     ``compile(jit_compile=True)`` keeps XLA on): class, config and weights are untouched. Returns
     True if installed. With a GPU visible nothing is done (cuDNN is used there) unless ``force``.
     Under a bfloat16 compute dtype the matmuls run in bfloat16 and the gates and state in float32
-    (``matmul_dtype`` overrides); outputs and states come back in the compute dtype. ``compiled``
-    as in :func:`~charrnn.lstm_fused.fused_lstm` (False: TensorFlow's ops only, for comparing the two).
+    (``matmul_dtype`` overrides); outputs and states come back in the compute dtype. ``kernel``: one
+    of ``KERNELS`` (``sequence`` falls back to ``cell`` where the whole-sequence ops cannot run, and
+    both to ``tf`` where there are no compiled ops or XLA compiles the step).
     Install before ``model.compile`` (and before the first ``fit``/``predict``: an already traced
     function keeps the path it traced).
     """
     if not isinstance(layer, keras.layers.LSTM):
         raise TypeError(f"install() takes a keras.layers.LSTM, got {type(layer).__name__}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(KERNELS)}, not {kernel!r}")
     if is_installed(layer):
-        return True
+        uninstall(layer)  # installed again with this kernel
     if _gpu_visible() and not force:
         return False
+    compiled = KERNELS[kernel]
 
     def inner_loop(sequences, initial_state, mask, training=False):
         if isinstance(mask, (list, tuple)):
@@ -106,7 +115,7 @@ def install(layer, *, force: bool = False, matmul_dtype=None, compiled: bool = T
 
     supports_jit = seams.jit_compatible(layer)
     original = seams.replace_lstm_inner_loop(layer, inner_loop)  # Keras' own, bound: the fallback above
-    object.__setattr__(layer, _ATTR, (original, supports_jit))
+    object.__setattr__(layer, _ATTR, (original, supports_jit, kernel))
     if eligible(layer):
         seams.set_jit_compatible(layer, True)
     return True
@@ -125,15 +134,18 @@ def kernel_path(model, batch_size: int, jit_compile: bool = False) -> str:
         return "Keras' own LSTM layer (a configuration the fused kernel does not cover)"
     if jit_compile:
         return "fused LSTM on TensorFlow's ops, compiled by XLA (custom ops cannot be)"
+    kernels = {layer.__dict__[_ATTR][2] for layer in lstms}
+    if kernels == {"tf"}:
+        return "fused LSTM on TensorFlow's ops"
     ops = cell_ops.load()
     if ops is None:
         return "fused LSTM on TensorFlow's ops (no compiled ops: see the note above)"
     build = cell_ops.build_target()
-    units = {layer.units for layer in lstms}
     bfloat16 = any(layer.compute_dtype == "bfloat16" for layer in lstms)
-    mm_dtype = tf.bfloat16 if bfloat16 else tf.float32
-    if not (cell_ops.runs_sequence(ops, mm_dtype) and all(u % 16 == 0 for u in units)):
+    if kernels != {"sequence"} or not all("sequence" in available_kernels("lstm", layer.units, bfloat16)
+                                          for layer in lstms):
         return "compiled per-step LSTM cell ops" + (" (matmuls in bfloat16 on TensorFlow's ops)" if bfloat16 else "")
+    units = {layer.units for layer in lstms}
     built_for = build["isa"]  # what the library was compiled for (runs_sequence: bfloat16 => AVX512-BF16 or AMX)
     if bfloat16 and built_for == "AMX" and os.environ.get("CHARRNN_AMX", "1") != "0" \
             and batch_size % 16 == 0 and all(u % 32 == 0 for u in units):
@@ -149,6 +161,20 @@ def kernel_path(model, batch_size: int, jit_compile: bool = False) -> str:
     return f"compiled whole-sequence LSTM ops, {'bfloat16' if bfloat16 else 'float32'} on {isa}"
 
 
+def available_kernels(cell: str, units: int, bfloat16: bool = False, jit_compile: bool = False) -> tuple[str, ...]:
+    """The ``KERNELS`` that can compute LSTM layers of ``units`` here: all three where the compiled
+    ops load, units are a multiple of 16 and (for ``bfloat16`` compute) the build has the bfloat16
+    sequence ops; ``cell`` and ``tf`` short of that; ``tf`` alone without compiled ops or under XLA;
+    none for a GRU, or on a GPU (cuDNN computes the LSTM there)."""
+    if cell != "lstm" or _gpu_visible():
+        return ()
+    ops = None if jit_compile else cell_ops.load()
+    if ops is None:
+        return ("tf",)
+    sequence = units % 16 == 0 and cell_ops.runs_sequence(ops, tf.bfloat16 if bfloat16 else tf.float32)
+    return ("sequence", "cell", "tf") if sequence else ("cell", "tf")
+
+
 def all_layers(model) -> list:
     """Every layer of ``model``, those of nested models too (Keras' public ``layers``, recursively)."""
     return [inner for layer in model.layers
@@ -159,7 +185,7 @@ def uninstall(layer) -> None:
     """Undo :func:`install` (Keras' own path and ``supports_jit`` again)."""
     if not is_installed(layer):
         return
-    _, supports_jit = layer.__dict__.pop(_ATTR)
+    _, supports_jit, _ = layer.__dict__.pop(_ATTR)
     seams.restore_lstm_inner_loop(layer)
     seams.set_jit_compatible(layer, supports_jit)
 

@@ -1,7 +1,7 @@
 """What kind of machine this is, and where per-machine results are cached.
 
-The compiled LSTM ops (:mod:`charrnn.cell_ops`) and the ``train.precision: auto`` verdict
-(:mod:`charrnn.precision`) both depend on the processor and TensorFlow's version, so both are
+The compiled LSTM ops (:mod:`charrnn.cell_ops`) and the timings behind ``auto`` precision and LSTM
+path (:mod:`charrnn.autotune`) both depend on the processor and TensorFlow's version, so both are
 cached per machine kind under one folder, ``$XDG_CACHE_HOME/charrnn`` (``~/.cache/charrnn``).
 """
 
@@ -45,7 +45,7 @@ _cache: dict[Path, Path] = {}
 def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/charrnn``, else ``~/.cache/charrnn``, created. Where that folder cannot be
     created or written, a temporary folder for this process, with one note saying so: training
-    still runs, but builds the ops and times the precision probe again every run."""
+    still runs, but builds the ops and times the train step again every run."""
     wanted = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "charrnn"
     if wanted not in _cache:
         try:
@@ -56,7 +56,7 @@ def cache_dir() -> Path:
             fallback = Path(tempfile.mkdtemp(prefix="charrnn-cache-"))
             atexit.register(shutil.rmtree, fallback, ignore_errors=True)
             print(f"charrnn: cannot write the cache folder {wanted} ({error.strerror or error}): the compiled "
-                  "ops and the precision verdict are made again every run; set XDG_CACHE_HOME to a writable "
+                  "ops and the train-step timings are made again every run; set XDG_CACHE_HOME to a writable "
                   "folder to keep them", file=sys.stderr, flush=True)
             _cache[wanted] = fallback
     return _cache[wanted]

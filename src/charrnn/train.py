@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from charrnn import artifacts, files, lstm_cpu, model as model_lib, precision, sequences, tracking, training_run
+from charrnn import artifacts, autotune, files, lstm_cpu, model as model_lib, sequences, tracking, training_run
 from charrnn.batches import steps_per_epoch, training_dataset, validation_dataset
 from charrnn.checkpoints import Checkpoints, EpochCheckpoint, resume_key
 from charrnn.config import TrainConfig
@@ -97,12 +97,14 @@ def sample_prime(vocabulary: Vocabulary, val_paths: list[str], seq_length: int) 
 # ---- the steps -------------------------------------------------------------------------------
 
 
-def resolve_precision(config: TrainConfig, vocab_size: int,
-                      seq_length: int) -> tuple[TrainConfig, precision.Resolved]:
-    """``config`` with its precision resolved (``auto`` measured or read from the cache), and the
-    random state seeded for it."""
-    resolved = precision.resolve(config.precision, config, vocab_size, seq_length)
-    config = dataclasses.replace(config, precision=resolved.policy)
+def resolve_auto(config: TrainConfig, vocab_size: int,
+                 seq_length: int) -> tuple[TrainConfig, autotune.Resolved]:
+    """``config`` with its precision and LSTM path resolved (``auto`` measured or read from the
+    cache), and the random state seeded for it."""
+    kernels = lstm_cpu.available_kernels(config.cell, config.rnn_units, config.precision == "mixed_bfloat16",
+                                         jit_fit(config))
+    resolved = autotune.resolve(config, vocab_size, seq_length, kernels)
+    config = dataclasses.replace(config, precision=resolved.policy, lstm_kernel=resolved.kernel)
     configure_determinism(config)
     return config, resolved
 
@@ -110,7 +112,7 @@ def resolve_precision(config: TrainConfig, vocab_size: int,
 def new_model(config: TrainConfig, vocab_size: int, steps: int) -> keras.Model:
     """The untrained model, on the fast CPU LSTM, compiled with the run's optimizer and schedule."""
     model = model_lib.model_from_config(vocab_size, config)
-    lstm_cpu.install_model(model)  # before compile: the fast CPU LSTM (a no-op with a GPU)
+    lstm_cpu.install_model(model, kernel=config.lstm_kernel)  # before compile: the fast CPU LSTM (not on a GPU)
     schedule = model_lib.learning_rate_schedule(config.learning_rate, config.epochs * steps, config.lr_decay_fraction)
     model_lib.compile_model(model, schedule, config.clipnorm, weight_decay=config.weight_decay,
                             ema_momentum=config.ema_momentum)
@@ -127,7 +129,7 @@ def resume_or_start(strategy, checkpoints: Checkpoints, key: str, config: TrainC
         loaded = checkpoints.load(key, config.epochs)
         if loaded:
             state, model = loaded
-            lstm_cpu.install_model(model)  # the same kernel as the uninterrupted run: the same bytes
+            lstm_cpu.install_model(model, kernel=config.lstm_kernel)  # as the uninterrupted run: the same bytes
             print(f"resuming from epoch {state['epoch']} ({checkpoints.folder})", flush=True)
         else:
             if chief:
@@ -207,7 +209,7 @@ def fit(model: keras.Model, strategy, config: TrainConfig, data: TrainData, init
 
 
 def save_outputs(model: keras.Model, vocabulary: Vocabulary, state: dict, paths: TrainPaths,
-                 resolved: precision.Resolved, kernel: str) -> dict:
+                 resolved: autotune.Resolved, kernel: str) -> dict:
     """Save the model folder, the history, the steps and the run info; returns the final metrics."""
     model_lib.finalize_ema(model)  # the saved model is the weights' moving average, where kept
     history = state["history"]
@@ -218,8 +220,7 @@ def save_outputs(model: keras.Model, vocabulary: Vocabulary, state: dict, paths:
     files.write_text(paths.history, history_csv(history))
     if paths.steps is not None:
         files.write_text(paths.steps, steps_csv(state.get("steps", [])))
-    files.write_json(paths.run_info, {"precision": resolved.policy, "lstm_kernel": kernel,
-                                      **({"bfloat16_speedup": resolved.speedup} if resolved.speedup else {})})
+    files.write_json(paths.run_info, training_run.what_trains(resolved, kernel))
     return final
 
 
@@ -239,7 +240,7 @@ def train(config: TrainConfig, paths: TrainPaths, experiment: str, params: dict,
     strategy = make_strategy(config.strategy)  # first: collective ops must be set up before others
     chief = is_chief(strategy)
     experiment_id = tracking.setup(experiment) if chief else None  # before any training: fail fast
-    config, resolved = resolve_precision(config, len(vocabulary), manifest["seq_length"])
+    config, resolved = resolve_auto(config, len(vocabulary), manifest["seq_length"])
     key = resume_key(config, manifest)
     checkpoints = Checkpoints(paths.checkpoints)
     state, model, resumed, abandoned = resume_or_start(strategy, checkpoints, key, config, len(vocabulary), steps,
@@ -247,7 +248,7 @@ def train(config: TrainConfig, paths: TrainPaths, experiment: str, params: dict,
     initial_epoch = state["epoch"]
     kernel = lstm_cpu.kernel_path(model, config.batch_size, jit_fit(config))
     # What runs, in one line.
-    print(f"train: precision {resolved.policy} ({resolved.why}); LSTM: {kernel}", flush=True)
+    print(f"train: precision {resolved.policy} ({resolved.why}); LSTM: {kernel} ({resolved.kernel_why})", flush=True)
     data = datasets(paths, manifest, config)
 
     if not chief:  # a worker that writes nothing: train in step with the others, then leave
@@ -261,7 +262,7 @@ def train(config: TrainConfig, paths: TrainPaths, experiment: str, params: dict,
         training_run.tag_what_trains(resolved, kernel)
         if new_run:
             training_run.record_new_run(params, key, model, vocabulary, manifest, corpus, state["history"],
-                                        resolved.policy)
+                                        resolved.policy, resolved.kernel)
         callbacks = make_callbacks(config, data, vocabulary, checkpoints, state, new_run)
         fit(model, strategy, config, data, initial_epoch, callbacks, paths.sequences)
         final = save_outputs(model, vocabulary, state, paths, resolved, kernel)

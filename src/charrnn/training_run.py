@@ -18,7 +18,7 @@ import tensorflow as tf
 from charrnn import cell_ops, files, model as model_lib, tracking
 from charrnn.checkpoints import RESUMABLE
 from charrnn.faults import crash_point
-from charrnn.precision import Resolved
+from charrnn.autotune import Resolved
 from charrnn.vocabulary import Vocabulary
 
 # The curves TrainingCurves logs: a resumed run continues each after the last step it holds.
@@ -70,18 +70,31 @@ def adopt(state: dict, abandoned: str | None) -> str:
     return run_id
 
 
+def what_trains(resolved: Resolved, kernel: str) -> dict:
+    """The precision, the LSTM path (``lstm_kernel_path``: train.lstm_kernel's value; ``lstm_kernel``:
+    in words) and the train-step timings they were chosen on, in ms (``metrics/train.json``)."""
+    return {"precision": resolved.policy, "lstm_kernel": kernel, "lstm_kernel_path": resolved.kernel,
+            **({"bfloat16_speedup": resolved.speedup} if resolved.speedup else {}),
+            **({"step_ms": {k: round(v * 1e3, 1) for k, v in resolved.step_seconds.items()}}
+               if resolved.step_seconds else {})}
+
+
 def tag_what_trains(resolved: Resolved, kernel: str) -> None:
-    """The precision (and why), the LSTM's kernel path and the compiled ops' build, as run tags."""
+    """The precision and the LSTM path (and why), the timings they were chosen on and the compiled
+    ops' build, as run tags."""
     build = cell_ops.build_target()
+    timings = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in (resolved.step_seconds or {}).items())
     mlflow.set_tags({"charrnn.precision": resolved.policy, "charrnn.precision_reason": resolved.why[:500],
-                     "charrnn.lstm_kernel": kernel,
+                     "charrnn.lstm_kernel": kernel, "charrnn.lstm_kernel_path": resolved.kernel,
+                     "charrnn.lstm_kernel_reason": resolved.kernel_why[:500],
                      "charrnn.ops_build": f"{build['isa']} ({' '.join(build['flags']) or 'generic'}); "
                                           f"{build['compiler']}" if build else "none (TensorFlow ops)",
-                     **({"charrnn.bfloat16_speedup": f"{resolved.speedup:.3f}"} if resolved.speedup else {})})
+                     **({"charrnn.bfloat16_speedup": f"{resolved.speedup:.3f}"} if resolved.speedup else {}),
+                     **({"charrnn.step_ms": timings[:500]} if timings else {})})
 
 
 def record_new_run(params: dict, key: str, model: keras.Model, vocabulary: Vocabulary, manifest: dict,
-                   corpus: dict | None, history: list[dict], policy: str) -> None:
+                   corpus: dict | None, history: list[dict], policy: str, kernel: str) -> None:
     """What a run records once: tags, params (but the resumable ones, logged at the end), the corpus
     as a dataset input, the vocabulary, and the epochs a resumed checkpoint already trained."""
     mlflow.set_tags({**tracking.source_tags(), tracking.RESUME_KEY_TAG: key})
@@ -89,7 +102,8 @@ def record_new_run(params: dict, key: str, model: keras.Model, vocabulary: Vocab
     mlflow.log_params({**{k: v for k, v in params.items() if k not in resumable},
                        "data.vocab_size": len(vocabulary),
                        "data.train_windows": manifest["splits"]["train"]["windows"],
-                       "model.parameters": model.count_params(), "train.precision_resolved": policy})
+                       "model.parameters": model.count_params(), "train.precision_resolved": policy,
+                       "train.lstm_kernel_resolved": kernel})
     mlflow.log_dict({"chars": vocabulary.chars}, "vocabulary.json")
     if corpus:
         tracking.log_corpus_input(corpus)
