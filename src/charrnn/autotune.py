@@ -127,7 +127,7 @@ def _measure_in_child(shape: dict, variants: list[str]) -> dict:
     if result.returncode == 0 and lines:
         return json.loads(lines[-1])
     detail = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-    return {"error": detail[:300]}
+    return {"error": " ".join(detail.split())[:300]}
 
 
 def _measure(shape: dict, policies: tuple, kernels: tuple) -> dict:
