@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from pathlib import Path
 
-from charrnn.tracking_store import repo_root
+from charrnn.tracking_store import repo_root, retry_lost_insert
 from charrnn.urls import is_http_url
 
 DIGEST_CHARS = 36  # MLflow stores a dataset digest in 36 characters: the SHA-256's first 36 hex digits
@@ -47,23 +46,10 @@ def corpus_dataset(corpus: dict):
     return CorpusDataset(dataset_source, name=name, digest=corpus["sha256"][:DIGEST_CHARS])
 
 
-# How each store words the error of an insert that lost a race to an equal row.
-_DUPLICATE_KEY = ("duplicate key value", "UNIQUE constraint failed", "Duplicate entry")
-
-
-def log_corpus_input(corpus: dict, tries: int = 3) -> None:
+def log_corpus_input(corpus: dict) -> None:
     """Log the corpus as the active run's training input. Two runs that log the same corpus at the
-    same instant (parallel queued experiments, two teammates) race in the store's get-or-create of
-    the dataset, and the slower insert fails on the dataset's unique key; by then the dataset
-    exists, so logging it again links it to the run."""
+    same instant race in the store's get-or-create of the dataset (:func:`retry_lost_insert`)."""
     import mlflow
 
     dataset = corpus_dataset(corpus)
-    for attempt in range(1, tries + 1):
-        try:
-            mlflow.log_input(dataset, context="training")
-            return
-        except mlflow.exceptions.MlflowException as err:
-            if attempt == tries or not any(words in str(err) for words in _DUPLICATE_KEY):
-                raise
-            time.sleep(0.1 * attempt)
+    retry_lost_insert(lambda: mlflow.log_input(dataset, context="training"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from charrnn import seams
@@ -186,6 +187,26 @@ def _check_server_answers(uri: str, timeout: float = PREFLIGHT_TIMEOUT) -> None:
         raise error
 
 
+# How each store words the error of an insert that lost a race to an equal row.
+_DUPLICATE_KEY = ("duplicate key value", "UNIQUE constraint failed", "Duplicate entry")
+
+
+def retry_lost_insert(call, tries: int = 3):
+    """``call()``, again where it failed because a concurrent writer inserted the same row first (two
+    runs starting at once against one store: queued experiments, two teammates). MLflow's stores
+    insert a missing tag or dataset without a lock, so the slower insert fails on the unique key;
+    by then the row exists, and the same call updates or links it."""
+    import mlflow
+
+    for attempt in range(1, tries + 1):
+        try:
+            return call()
+        except mlflow.exceptions.MlflowException as err:
+            if attempt == tries or not any(words in str(err) for words in _DUPLICATE_KEY):
+                raise
+            time.sleep(0.1 * attempt)
+
+
 def _check_can_write(experiment_id: str, experiment_name: str) -> None:
     """On a server with permissions, a user who may only read the experiment stops here, before
     training: rewriting one of its tags with the same value needs the EDIT permission a run does."""
@@ -193,7 +214,8 @@ def _check_can_write(experiment_id: str, experiment_name: str) -> None:
 
     client = mlflow.MlflowClient()
     try:
-        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+        retry_lost_insert(lambda: client.set_experiment_tag(experiment_id, "mlflow.experimentKind",
+                                                           "custom_model_development"))
     except mlflow.exceptions.MlflowException as err:
         if "403" in str(err) or getattr(err, "error_code", "") == "PERMISSION_DENIED":
             user = os.environ.get("MLFLOW_TRACKING_USERNAME", "?")
@@ -256,7 +278,7 @@ def setup(experiment_name: str) -> str:
             _check_can_write(experiment.experiment_id, experiment_name)
         for key, value in wanted.items():
             if experiment.tags.get(key) != value:
-                client.set_experiment_tag(experiment.experiment_id, key, value)
+                retry_lost_insert(lambda: client.set_experiment_tag(experiment.experiment_id, key, value))
         return experiment.experiment_id
     except UserError:
         raise
