@@ -20,14 +20,15 @@ with the same (float32) weights read by a float32 model: what the precision cost
 apart from what it cost in training.
 
 With no options it trains the model of ``params.yaml``'s ``train`` section (the pipeline's
-default) the way the train stage does: the fast CPU LSTM installed, ``train.precision`` and
+default; ``--preset NAME``: params.yaml's with ``charrnn preset NAME``'s values) the way the train stage does: the fast CPU LSTM installed, ``train.precision`` and
 ``train.lstm_kernel`` resolved (``auto``), and the pipeline's own learning-rate schedule
-(``train.lr_decay_fraction``: Keras' ``CosineDecay`` over the last share of the steps), laid out over the steps the budget allows at
+(``train.lr_decay_fraction``, ``lr_decay_shape`` and ``lr_decay_to``: ``charrnn.model.CoolDown``), laid out over the steps the budget allows at
 the speed a short calibration run measured (its mean step time after 5 warm-up steps; the last line
 says over how many steps it was laid out and how many were trained). What can be varied: the model
 (``--rnn-units``, ``--num-layers``, ``--cell gru``, ...), the regularisers (``--dropout``,
-``--input-dropout``, ``--variational-dropout true``, ``--weight-decay``, ``--ema-momentum``: a number, or
-``null`` for off; with one, the final figures score the moving average, as the train stage saves it),
+``--input-dropout``, ``--variational-dropout true``, ``--weight-decay``, ``--weight-drop``,
+``--ema-momentum``: a number, or ``null`` for off; with one, the final figures score the moving average,
+as the train stage saves it; every other ``train`` key too, ``--ema-warmup true``, ``--adam-beta-2``, ...),
 ``--jit-compile`` (XLA), the schedule (``--lr-decay-fraction``;
 ``--schedule time`` for the older schedule on elapsed time, with ``--warmup-seconds``), and the
 data layout: ``windows`` (the pipeline's: shuffled independent windows, zero state each)
@@ -50,6 +51,7 @@ import numpy as np
 import tensorflow as tf
 
 from charrnn import artifacts, autotune, lstm_cpu, sequences
+from charrnn.cli import PRESETS
 from charrnn.config import TrainConfig, load_params, replace
 from charrnn.model import compile_model, learning_rate_schedule, model_from_config
 from charrnn.batches import training_dataset, validation_dataset
@@ -139,6 +141,11 @@ def stream_batches(ids: np.ndarray, batch_size: int, seq_length: int) -> tf.data
     return tf.data.Dataset.range(1 << 62).flat_map(one_pass).prefetch(tf.data.AUTOTUNE)
 
 
+# TrainConfig's keys that are not model or training options here (how long, where, how logged).
+NOT_OPTIONS = ("epochs", "steps_per_epoch", "validation_steps", "strategy", "shuffle_buffer", "deterministic",
+               "jit_compile", "log_every_steps")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", required=True)
@@ -151,28 +158,30 @@ def main() -> None:
     parser.add_argument("--layout", choices=["windows", "streams"], default="windows")
     parser.add_argument("--params", default="params.yaml", help="defaults of the model options (the pipeline's)")
     parser.add_argument("--schedule", choices=["pipeline", "time"], default="pipeline",
-                        help="pipeline: train.lr_decay_fraction's step schedule (Keras CosineDecay), laid out over "
+                        help="pipeline: train.lr_decay_fraction's step schedule (charrnn.model.CoolDown), laid out over "
                              "the steps the budget allows at the speed measured in a calibration run; "
                              "time: the older schedule on elapsed time (with --warmup-seconds)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="start from a named preset of `charrnn preset` (params.yaml's values with the preset's)")
     known, _ = parser.parse_known_args()
     data_defaults, defaults, sequence_defaults = load_params(known.params, "data", "train", "sequences")
+    if known.preset:
+        preset = PRESETS[known.preset]
+        defaults = replace(defaults, **{k.removeprefix("train."): v for k, v in preset.items() if k.startswith("train.")})
+        sequence_defaults = replace(sequence_defaults, **{k.removeprefix("sequences."): v for k, v in preset.items()
+                                                          if k.startswith("sequences.")})
     parser.add_argument("--seq-length", type=int, default=sequence_defaults.seq_length)
     for field in dataclasses.fields(TrainConfig):
-        if field.name in ("batch_size", "embedding_dim", "rnn_units", "num_layers", "cell", "dropout", "input_dropout",
-                          "variational_dropout", "learning_rate", "lr_decay_fraction", "clipnorm", "weight_decay",
-                          "ema_momentum", "precision", "lstm_kernel", "seed"):
+        if field.name not in NOT_OPTIONS:
             kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes"),
                     }.get(str(field.type).split(" ")[0], float)
             if str(field.type).endswith("| None"):  # --ema-momentum null: off
                 kind = (lambda k: lambda v: None if v.lower() in ("null", "none") else k(v))(kind)
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=getattr(defaults, field.name))
     args = parser.parse_args()
-    config = replace(defaults, batch_size=args.batch_size, embedding_dim=args.embedding_dim, rnn_units=args.rnn_units,
-                     num_layers=args.num_layers, cell=args.cell, dropout=args.dropout, input_dropout=args.input_dropout,
-                     variational_dropout=args.variational_dropout, ema_momentum=args.ema_momentum,
-                     learning_rate=args.learning_rate, clipnorm=args.clipnorm, weight_decay=args.weight_decay,
-                     precision=args.precision, lstm_kernel=args.lstm_kernel, seed=args.seed,
-                     epochs=1_000, lr_decay_fraction=args.lr_decay_fraction, jit_compile=args.jit_compile)
+    config = replace(defaults, **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                                  if f.name not in NOT_OPTIONS},
+                     epochs=1_000, jit_compile=args.jit_compile)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -193,7 +202,7 @@ def main() -> None:
         stateful = args.layout == "streams"
         def new_model(stateful_batch=None, precision=None):
             model = model_from_config(vocab_size, config, precision=precision, stateful_batch=stateful_batch)
-            lstm_cpu.install_model(model, kernel=config.lstm_kernel)  # as the train stage does
+            lstm_cpu.install_model(model, kernel=config.lstm_kernel, weight_drop=config.weight_drop)  # as the train stage
             return model
 
         learning_rate, total_steps = config.learning_rate, None
@@ -212,13 +221,15 @@ def main() -> None:
             step_seconds = float(np.mean(timer.seconds[5:]))  # after tracing, warm-up and the buffer fill
             rate = 1.0 / step_seconds
             total_steps = int(rate * args.minutes * 60)
-            learning_rate = learning_rate_schedule(config.learning_rate, total_steps, config.lr_decay_fraction)
+            learning_rate = learning_rate_schedule(config.learning_rate, total_steps, config.lr_decay_fraction,
+                                                   config.lr_decay_shape, config.lr_decay_to)
             print(f"calibration: {rate:.2f} steps/s (mean of {args.calibration_steps} steps), so the schedule "
                   f"is laid out over {total_steps} steps", flush=True)
             configure_determinism(config)
         model = new_model(config.batch_size if stateful else None)
         compile_model(model, learning_rate, config.clipnorm, jit_compile=args.jit_compile,
-                      weight_decay=config.weight_decay, ema_momentum=config.ema_momentum)
+                      weight_decay=config.weight_decay, ema_momentum=config.ema_momentum, beta_2=config.adam_beta_2,
+                      ema_warmup=config.ema_warmup, weight_decay_on=config.weight_decay_on)
         stateless = new_model()
         compile_model(stateless, config.learning_rate)
 

@@ -1,5 +1,6 @@
-"""The quality levers of params.yaml's train section: variational and input dropout, the weights'
-moving average, and evaluate's carried-state loss. Each trains, saves, reloads and generates."""
+"""The quality levers of params.yaml's train section: variational and input dropout, weight drop, the
+weights' moving average (with its warm-up), the cool-down, and evaluate's carried-state loss. Each
+trains, saves, reloads and generates."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from charrnn import lstm_cpu
+from charrnn import lstm_cpu, seams
 from charrnn.checkpoints import Checkpoints
 from charrnn.generate import Generator
-from charrnn.model import compile_model, finalize_ema, load_model_dir, model_from_config, save_model_dir
+from charrnn.model import (compile_for_training, compile_model, finalize_ema, load_model_dir, model_from_config,
+                           save_model_dir)
 from charrnn.sampling import SamplingOptions
 from charrnn.vocabulary import Vocabulary
 from conftest import defaults
@@ -24,7 +26,7 @@ def small(**changes):
     """params.yaml's model, small, with ``changes``; the fast CPU LSTM installed as the train stage does."""
     config = defaults("train", embedding_dim=8, rnn_units=16, precision="float32", **changes)
     model = model_from_config(len(VOCABULARY), config)
-    lstm_cpu.install_model(model)
+    lstm_cpu.install_model(model, weight_drop=config.weight_drop)
     return model, config
 
 
@@ -67,14 +69,60 @@ def test_the_train_stage_validates_the_moving_average_it_saves(trained_project, 
     assert float(last[3]) == pytest.approx(saved_loss, abs=2e-6)
 
 
-def test_the_moving_average_is_what_training_leaves_saves_and_resumes(tmp_path):
-    """ema_momentum: after fit the model holds Keras' moving average of the weights after each step
-    (momentum 0 at the first step), not the last weights; a run resumed from a mid-training
-    checkpoint, or from the last one, ends with the same bytes; the saved model reloads and generates."""
+def test_weight_drop_drops_the_recurrent_weights_once_per_call_in_training_only():
+    """weight_drop: in training the LSTM computes what Keras' own LSTM computes with the recurrent
+    kernel dropped (one mask for the whole batch, drawn from the cell's seed generator, kept weights
+    scaled by 1 / (1 - rate)), on the compiled path; the dropped weights get no gradient; each call
+    draws another mask; inference uses the whole kernel."""
+    rate = 0.5
+    keras.utils.set_random_seed(3)
+    model, _ = small(weight_drop=rate)
+    layer = model.get_layer("lstm")
+    assert "compiled whole-sequence" in lstm_cpu.kernel_path(model, 4)
+    x = tf.random.stateless_normal((4, 7, 8), seed=(1, 2))
+    before = seams.seed_state(layer.cell)
+    with tf.GradientTape() as tape:
+        trained = layer(x, training=True)
+        loss = tf.reduce_sum(trained * tf.random.stateless_normal(trained.shape, seed=(3, 4)))
+    grad = tape.gradient(loss, layer.cell.recurrent_kernel).numpy()
+    seams.set_seed_state(layer.cell, before)
+    dropped = keras.random.dropout(layer.cell.recurrent_kernel, rate, seed=layer.cell.seed_generator).numpy()
+    kernel, recurrent, bias = (w.numpy() for w in layer.cell.weights)
+    kept = dropped != 0
+    assert 0.4 < kept.mean() < 0.6  # seeded: the same draw every run
+    np.testing.assert_allclose(dropped[kept], recurrent[kept] / (1 - rate), rtol=1e-6)
+
+    def keras_lstm(recurrent_kernel):
+        plain = keras.layers.LSTM(16, return_sequences=True)
+        plain.build(x.shape)
+        plain.set_weights([kernel, recurrent_kernel, bias])
+        return plain(x).numpy()
+
+    np.testing.assert_allclose(trained.numpy(), keras_lstm(dropped), rtol=1e-5, atol=1e-6)
+    assert np.all(grad[~kept] == 0) and np.count_nonzero(grad[kept]) > 0.9 * kept.sum()
+    assert not np.allclose(layer(x, training=True).numpy(), trained.numpy(), atol=1e-3)  # another mask
+    np.testing.assert_allclose(layer(x, training=False).numpy(), keras_lstm(recurrent), rtol=1e-5, atol=1e-6)
+
+
+LEVERS = {
+    "moving average": dict(ema_momentum=0.8),
+    "every lever": dict(ema_momentum=0.8, ema_warmup=True, weight_drop=0.3, weight_decay_on="kernels",
+                        adam_beta_2=0.99, lr_decay_fraction=0.5, lr_decay_shape="sqrt", lr_decay_to=0.0,
+                        input_dropout=0.1, variational_dropout=True),
+}
+
+
+@pytest.mark.parametrize("levers", list(LEVERS))
+def test_the_moving_average_is_what_training_leaves_saves_and_resumes(tmp_path, levers):
+    """ema_momentum: after fit the model holds the moving average of the weights after each step
+    (momentum 0 at the first step; with ema_warmup, min(ema_momentum, (1 + t) / (10 + t)) at the
+    t-th step after it), not the last weights; a run resumed from a mid-training checkpoint, or from
+    the last one, ends with the same bytes, with every other lever on too; the saved model reloads
+    and generates."""
     momentum = 0.8
     keras.utils.set_random_seed(5)
-    model, config = small(ema_momentum=momentum, input_dropout=0.1, variational_dropout=True)
-    compile_model(model, 1e-2, weight_decay=config.weight_decay, ema_momentum=config.ema_momentum)
+    model, config = small(learning_rate=1e-2, **LEVERS[levers])
+    compile_for_training(model, config, total_steps=12)
     after_each_step = []
     record = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: after_each_step.append([v.numpy().copy() for v in model.trainable_variables]),
@@ -82,17 +130,19 @@ def test_the_moving_average_is_what_training_leaves_saves_and_resumes(tmp_path):
         on_epoch_end=lambda epoch, logs: Checkpoints(tmp_path / f"epoch{epoch + 1}").save(
             model, {"key": "k", "epoch": epoch + 1, "history": [{}] * (epoch + 1), "run_id": None}))
     model.fit(batches(), epochs=2, verbose=0, callbacks=[record])
+    assert len(after_each_step) == 12
 
     average = after_each_step[0]
-    for weights in after_each_step[1:]:
-        average = [momentum * a + (1 - momentum) * w for a, w in zip(average, weights)]
+    for t, weights in enumerate(after_each_step[1:]):
+        m = min(momentum, (1 + t) / (10 + t)) if config.ema_warmup else momentum
+        average = [m * a + (1 - m) * w for a, w in zip(average, weights)]
     for got, expected, last in zip(model.trainable_variables, average, after_each_step[-1]):
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
         assert not np.allclose(got.numpy(), last, atol=1e-4)  # not the last weights
 
     keras.utils.set_random_seed(5)  # as the train stage does before it loads
     _, resumed = Checkpoints(tmp_path / "epoch1").load("k", 2)
-    lstm_cpu.install_model(resumed)
+    lstm_cpu.install_model(resumed, weight_drop=config.weight_drop)
     resumed.fit(batches(), epochs=2, initial_epoch=1, verbose=0)
     for expected, got in zip(model.get_weights(), resumed.get_weights()):
         np.testing.assert_array_equal(got, expected)

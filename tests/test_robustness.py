@@ -21,7 +21,12 @@ pytestmark = pytest.mark.slow
 
 # Four epochs to interrupt; the kills land at named steps and instants, not by timers.
 STEPS_PER_EPOCH = 10
-RESUME_PARAMS = {"train": {"epochs": 4, "steps_per_epoch": STEPS_PER_EPOCH, "rnn_units": 48}}
+# Every lever that draws random numbers or keeps state in the optimizer is on, so the kills below
+# prove each resumes to the same bytes (a decaying rate would tie the checkpoint to the epochs, which
+# test_a_resume_updates_raised_epochs raises: tests/test_regularisation.py resumes the cool-down).
+RESUME_PARAMS = {"train": {"epochs": 4, "steps_per_epoch": STEPS_PER_EPOCH, "rnn_units": 48, "weight_drop": 0.3,
+                           "ema_momentum": 0.9, "ema_warmup": True, "weight_decay_on": "kernels",
+                           "adam_beta_2": 0.99}}
 
 
 def lock_outputs(project) -> dict:

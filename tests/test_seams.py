@@ -71,6 +71,24 @@ def test_keras_optimizer_all_reduces_through_the_method_the_distributed_step_rep
     assert summed._all_reduce_sum_gradients(pairs) == pairs
 
 
+def test_keras_optimizer_updates_the_moving_average_through_the_hook_the_warmup_replaces():
+    """Keras 3.15.1: with ``use_ema`` each ``apply`` updates ``_model_variables_moving_average`` in
+    ``_update_model_variables_moving_average``; a momentum from ``moving_average_momentum`` replaces
+    Keras' (here 0.25: the average, zeros before the first step, moves three quarters of the way to
+    the new weights)."""
+
+    class Fixed(seams.MovingAverageMomentum, keras.optimizers.SGD):
+        def moving_average_momentum(self):
+            return tf.constant(0.25)
+
+    variable = keras.Variable([1.0, 2.0])
+    optimizer = Fixed(1.0, use_ema=True, ema_momentum=0.9)
+    optimizer.build([variable])
+    optimizer.apply([tf.constant([1.0, 1.0])], [variable])  # variable -> [0, 1]
+    (average,) = optimizer._model_variables_moving_average
+    np.testing.assert_allclose(average.numpy(), [0.0, 0.75])
+
+
 def test_dropout_masks_follow_the_seed_generator_state_and_the_layers_are_found():
     """Keras 3.15.1: a Dropout layer draws from ``seed_generator.state``; putting the state back replays
     the same masks. ``random_layers`` finds the Dropout layers of nested models through the public
@@ -80,10 +98,12 @@ def test_dropout_masks_follow_the_seed_generator_state_and_the_layers_are_found(
     model = build_model(11, embedding_dim=4, rnn_units=8, num_layers=2, dropout=0.5, cell="lstm",
                         input_dropout=0.1)
     found = seams.random_layers(model)
-    assert sorted(found) == ["dropout_0", "dropout_1", "input_dropout"]
+    assert sorted(found) == ["dropout_0", "dropout_1", "input_dropout", "lstm_0/cell", "lstm_1/cell"]
+    assert found["lstm_1/cell"] is model.get_layer("lstm_1").cell
+    assert seams.cell_seed_generator(model.get_layer("lstm_1")) is found["lstm_1/cell"].seed_generator
     private = {layer.name for layer in model._flatten_layers(include_self=False)
                if getattr(layer, "seed_generator", None) is not None}
-    assert private - set(found) == {"lstm_cell"}  # the cells: they draw only for dropout inside the cell
+    assert private - set(found) == {"lstm_cell"}  # the cells, found above under their layer's name
     nested = keras.Sequential([keras.Input((4,)), keras.Sequential([keras.layers.Dropout(0.5, name="inner")])])
     assert list(seams.random_layers(nested)) == ["inner"]
 
@@ -196,7 +216,8 @@ def test_mlflow_leaves_predict_unwrapped_for_a_model_with_a_signature():
 
 # ---- no other module touches them ---------------------------------------------------------------
 
-PRIVATE_NAMES = {"_all_reduce_sum_gradients", "_flatten_layers", "seed_generator", "supports_jit", "inner_loop",
+PRIVATE_NAMES = {"_all_reduce_sum_gradients", "_flatten_layers", "seed_generator", "_model_variables_moving_average",
+                 "_update_model_variables_moving_average", "supports_jit", "inner_loop",
                  "run_id_to_system_metrics_monitor", "_skip_type_hint_validation", "_REST_API_PATH_PREFIX",
                  "extract_api_info_for_service", "http_request", "read_mlflow_creds", "get_default_host_creds"}
 PRIVATE_MODULES = ("tensorflow.python", "keras.src", "mlflow.utils", "mlflow.tracking.fluent", "mlflow.protos")

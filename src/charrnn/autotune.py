@@ -62,10 +62,11 @@ def speed_sources_digest() -> str:
 
 
 def probe_shape(config, vocab_size: int, seq_length: int) -> dict:
-    """What the train step's speed depends on: the model, the batch, XLA."""
+    """What the train step's speed depends on: the model, the batch, XLA, the weight drop's mask."""
     return {"vocab_size": vocab_size, "seq_length": seq_length, "batch_size": config.batch_size,
             "embedding_dim": config.embedding_dim, "rnn_units": config.rnn_units,
-            "num_layers": config.num_layers, "cell": config.cell, "jit_compile": bool(config.jit_compile)}
+            "num_layers": config.num_layers, "cell": config.cell, "jit_compile": bool(config.jit_compile),
+            **({"weight_drop": config.weight_drop} if config.weight_drop else {})}
 
 
 def variant(policy: str, kernel: str) -> str:
@@ -98,7 +99,7 @@ def time_train_steps(shape: dict, variants: list[str]) -> dict:
             continue
         model = build_model(shape["vocab_size"], embedding_dim=shape["embedding_dim"], rnn_units=shape["rnn_units"],
                             num_layers=shape["num_layers"], dropout=0.0, cell=shape["cell"], precision=policy)
-        lstm_cpu.install_model(model, kernel=kernel)
+        lstm_cpu.install_model(model, kernel=kernel, weight_drop=shape.get("weight_drop", 0.0))
         compile_model(model, 1e-3, 5.0, jit_compile=shape["jit_compile"])
         for _ in range(2):
             model.train_on_batch(x, y)

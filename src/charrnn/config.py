@@ -70,9 +70,15 @@ class TrainConfig:
     validation_steps: int | None = _field(POSITIVE)
     learning_rate: float = _field(POSITIVE)
     lr_decay_fraction: float = _field(_rule(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+    lr_decay_shape: str = _field(_choice("cosine", "linear", "sqrt"))
+    lr_decay_to: float = _field(_rule(lambda v: 0 <= v < 1, "must be in [0, 1) (a share of learning_rate)"))
+    adam_beta_2: float = _field(FRACTION)
     clipnorm: float | None = _field(POSITIVE)
     weight_decay: float = _field(NON_NEGATIVE)
+    weight_decay_on: str = _field(_choice("all", "kernels"))
+    weight_drop: float = _field(DROPOUT)
     ema_momentum: float | None = _field(_rule(lambda v: 0 < v < 1, "must be in (0, 1), or null for off"))
+    ema_warmup: bool = _field()
     precision: str = _field(_choice("auto", "float32", "mixed_bfloat16", "mixed_float16"))
     lstm_kernel: str = _field(_choice("auto", "sequence", "cell", "tf"))
     strategy: str = _field(_choice("default", "mirrored", "multi_worker"))
@@ -81,6 +87,11 @@ class TrainConfig:
     jit_compile: bool = _field()
     log_every_steps: int = _field(POSITIVE)
     seed: int = _field(POSITIVE)  # TF refuses to trace seeded shuffles under global seed 0
+
+    def __post_init__(self):
+        if self.weight_drop and self.cell != "lstm":
+            raise UserError(f"params.yaml: 'train.weight_drop' drops the LSTM's recurrent weights; with cell "
+                            f"'{self.cell}' set it to 0 (or cell: lstm)")
 
 
 # The sampling options' rules, as (check, what the value must be): params.yaml's ``sample`` section

@@ -70,7 +70,8 @@ def is_installed(layer) -> bool:
     return _ATTR in layer.__dict__
 
 
-def install(layer, *, force: bool = False, matmul_dtype=None, kernel: str = "sequence") -> bool:
+def install(layer, *, force: bool = False, matmul_dtype=None, kernel: str = "sequence",
+            weight_drop: float = 0.0) -> bool:
     """Make ``layer`` (a built or unbuilt ``keras.layers.LSTM``) run :func:`~charrnn.lstm_fused.fused_lstm`.
 
     Only the instance's ``inner_loop`` is replaced (and ``supports_jit`` set, so that
@@ -80,6 +81,11 @@ def install(layer, *, force: bool = False, matmul_dtype=None, kernel: str = "seq
     (``matmul_dtype`` overrides); outputs and states come back in the compute dtype. ``kernel``: one
     of ``KERNELS`` (``sequence`` falls back to ``cell`` where the whole-sequence ops cannot run, and
     both to ``tf`` where there are no compiled ops or XLA compiles the step).
+    ``weight_drop`` (AWD-LSTM's weight drop, DropConnect) multiplies the recurrent kernel by a dropout
+    mask (scaled by ``1 / (1 - weight_drop)``) drawn once per call in training, from the cell's own
+    seed generator (whose state a checkpoint keeps); the ops see the dropped kernel, so the fast
+    path stays on. cuDNN cannot drop weights: with a GPU visible such a layer runs the fused LSTM on
+    TensorFlow's ops.
     Install before ``model.compile`` (and before the first ``fit``/``predict``: an already traced
     function keeps the path it traced).
     """
@@ -89,9 +95,9 @@ def install(layer, *, force: bool = False, matmul_dtype=None, kernel: str = "seq
         raise ValueError(f"kernel must be one of {sorted(KERNELS)}, not {kernel!r}")
     if is_installed(layer):
         uninstall(layer)  # installed again with this kernel
-    if _gpu_visible() and not force:
+    if _gpu_visible() and not force and not weight_drop:
         return False
-    compiled = KERNELS[kernel]
+    compiled = False if _gpu_visible() and not force else KERNELS[kernel]
 
     def inner_loop(sequences, initial_state, mask, training=False):
         if isinstance(mask, (list, tuple)):
@@ -101,15 +107,18 @@ def install(layer, *, force: bool = False, matmul_dtype=None, kernel: str = "seq
         h0, c0 = initial_state
         cell = layer.cell
         dtype = sequences.dtype
+        recurrent_kernel = cell.recurrent_kernel
+        if training and weight_drop:
+            recurrent_kernel = keras.random.dropout(recurrent_kernel, weight_drop, seed=seams.cell_seed_generator(layer))
         if dtype == tf.bfloat16 and matmul_dtype is None:
             # bfloat16 where it pays, float32 where precision matters: the cell state carried over
             # hundreds of steps and the gate arithmetic stay float32, the matmuls run in bfloat16.
             outputs, h, c = fused_lstm(tf.cast(sequences, tf.float32), h0, c0, cell.kernel,
-                                       cell.recurrent_kernel, cell.bias, matmul_dtype=tf.bfloat16,
+                                       recurrent_kernel, cell.bias, matmul_dtype=tf.bfloat16,
                                        compiled=compiled)
             outputs, h, c = (tf.cast(t, dtype) for t in (outputs, h, c))
         else:
-            outputs, h, c = fused_lstm(sequences, h0, c0, cell.kernel, cell.recurrent_kernel,
+            outputs, h, c = fused_lstm(sequences, h0, c0, cell.kernel, recurrent_kernel,
                                        cell.bias, matmul_dtype=matmul_dtype, compiled=compiled)
         return h, outputs, [h, c]
 
@@ -129,6 +138,8 @@ def kernel_path(model, batch_size: int, jit_compile: bool = False) -> str:
     if not lstms:
         return "Keras' own layer (GRU)"
     if _gpu_visible():
+        if any(is_installed(layer) for layer in lstms):
+            return "fused LSTM on TensorFlow's ops (GPU: cuDNN cannot drop weights)"
         return "cuDNN (GPU)"
     if not all(is_installed(layer) and eligible(layer) for layer in lstms):
         return "Keras' own LSTM layer (a configuration the fused kernel does not cover)"

@@ -69,9 +69,10 @@ def random_layers(model) -> dict:
 
     Keras 3.15.1: a ``Dropout`` layer draws its masks from its attribute ``seed_generator``. The
     layers come from the public ``layers``, recursively; Keras' private ``_flatten_layers`` also
-    yields each RNN's cell (all named ``lstm_cell``), whose generators only dropout inside the cell
-    would draw from, which this package never configures. If the attribute is renamed, no layer is
-    found and a resumed run drops other units than the uninterrupted one (other bytes).
+    yields each RNN's cell (all named ``lstm_cell``); the cells are found here through their layer's
+    ``cell`` attribute, named ``<layer>/cell``: the weight drop of :mod:`charrnn.lstm_cpu` draws
+    from their generators. If an attribute is renamed, no layer is found and a resumed run drops
+    other units than the uninterrupted one (other bytes).
     """
     def walk(parent):
         for layer in parent.layers:
@@ -79,7 +80,41 @@ def random_layers(model) -> dict:
             if hasattr(layer, "layers"):
                 yield from walk(layer)
 
-    return {layer.name: layer for layer in walk(model) if getattr(layer, "seed_generator", None) is not None}
+    found = {layer.name: layer for layer in walk(model) if getattr(layer, "seed_generator", None) is not None}
+    # An LSTM's weight drop (charrnn.lstm_cpu) draws from its cell's generator.
+    found.update({f"{layer.name}/cell": layer.cell for layer in walk(model)
+                  if getattr(getattr(layer, "cell", None), "seed_generator", None) is not None})
+    return found
+
+
+def cell_seed_generator(layer):
+    """The seed generator of an RNN layer's cell (Keras 3.15.1's ``cell.seed_generator``, which the
+    cell's own dropout would draw from): the weight drop's masks come from it, and
+    :func:`random_layers` finds it, so a checkpoint keeps its state."""
+    return layer.cell.seed_generator
+
+
+class MovingAverageMomentum:
+    """An optimizer mixin: the moving average of the weights (``use_ema``) updated with the momentum
+    ``self.moving_average_momentum()`` returns (a tensor), or Keras' own where it returns None.
+
+    Keras 3.15.1 updates the average in ``_update_model_variables_moving_average`` from the list
+    ``_model_variables_moving_average``, with ``ema_momentum`` (0 at the first step);
+    tests/test_seams.py checks both names."""
+
+    def moving_average_momentum(self):
+        return None
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        momentum = self.moving_average_momentum() if self.use_ema else None
+        if momentum is None:
+            return super()._update_model_variables_moving_average(trainable_variables)
+        import keras
+
+        for var, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                m = keras.ops.cast(momentum, var.dtype)
+                average.assign(m * average + (1 - m) * var)
 
 
 def seed_state(layer) -> list:

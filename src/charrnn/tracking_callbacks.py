@@ -46,14 +46,14 @@ def optimizer_params(optimizer) -> dict:
     (which MLflow's own callback logs, one opaque category in the compare view)."""
     params = {}
     for key, value in optimizer.get_config().items():
-        if key == "learning_rate" and isinstance(value, dict):  # keras.optimizers.schedules.CosineDecay
+        if key == "learning_rate" and isinstance(value, dict):  # charrnn.model.CoolDown
             schedule = value.get("config", {})
-            peak = schedule.get("warmup_target") or schedule["initial_learning_rate"]
-            decay, hold = schedule.get("decay_steps", 0), schedule.get("warmup_steps", 0)
+            peak = schedule["peak"]
             params.update({"optimizer_learning_rate": peak,
-                           "optimizer_learning_rate_floor": round(peak * schedule.get("alpha", 0.0), 12),
-                           "optimizer_learning_rate_decay_fraction": round(decay / max(decay + hold, 1), 6),
-                           "optimizer_learning_rate_schedule": value.get("class_name", "?")})
+                           "optimizer_learning_rate_floor": round(peak * schedule["final"], 12),
+                           "optimizer_learning_rate_decay_fraction":
+                               round(schedule["decay_steps"] / max(schedule["total_steps"], 1), 6),
+                           "optimizer_learning_rate_schedule": f"{value.get('class_name', '?')} ({schedule['shape']})"})
         elif isinstance(value, dict):  # a wrapped optimizer (LossScaleOptimizer): its own numbers
             inner = optimizer_params(keras.optimizers.deserialize(value)) if "class_name" in value else {}
             params.update({f"optimizer_{key.removesuffix('_optimizer')}_{k.removeprefix('optimizer_')}": v

@@ -112,11 +112,14 @@ def resolve_auto(config: TrainConfig, vocab_size: int,
 def new_model(config: TrainConfig, vocab_size: int, steps: int) -> keras.Model:
     """The untrained model, on the fast CPU LSTM, compiled with the run's optimizer and schedule."""
     model = model_lib.model_from_config(vocab_size, config)
-    lstm_cpu.install_model(model, kernel=config.lstm_kernel)  # before compile: the fast CPU LSTM (not on a GPU)
-    schedule = model_lib.learning_rate_schedule(config.learning_rate, config.epochs * steps, config.lr_decay_fraction)
-    model_lib.compile_model(model, schedule, config.clipnorm, weight_decay=config.weight_decay,
-                            ema_momentum=config.ema_momentum)
+    install_lstm(model, config)  # before compile
+    model_lib.compile_for_training(model, config, config.epochs * steps)
     return model
+
+
+def install_lstm(model: keras.Model, config: TrainConfig) -> None:
+    """The fast CPU LSTM (not on a GPU) on the run's path, with its weight drop."""
+    lstm_cpu.install_model(model, kernel=config.lstm_kernel, weight_drop=config.weight_drop)
 
 
 def resume_or_start(strategy, checkpoints: Checkpoints, key: str, config: TrainConfig, vocab_size: int,
@@ -129,7 +132,7 @@ def resume_or_start(strategy, checkpoints: Checkpoints, key: str, config: TrainC
         loaded = checkpoints.load(key, config.epochs)
         if loaded:
             state, model = loaded
-            lstm_cpu.install_model(model, kernel=config.lstm_kernel)  # as the uninterrupted run: the same bytes
+            install_lstm(model, config)  # as the uninterrupted run: the same bytes
             print(f"resuming from epoch {state['epoch']} ({checkpoints.folder})", flush=True)
         else:
             if chief:
