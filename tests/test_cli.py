@@ -41,6 +41,26 @@ def test_the_tutorial_preset_is_the_tutorials_model_with_its_parameter_counts():
     assert model.count_params() == 5_330_241
 
 
+@pytest.mark.parametrize("name", ["tutorial", "small-corpus"])
+def test_every_preset_sets_known_keys_to_valid_values(name):
+    """What `charrnn preset NAME` prints, applied to params.yaml as `dvc exp run -S` would, validates."""
+    import yaml
+
+    from charrnn.cli import PRESETS, preset_arguments
+    from charrnn.config import SECTIONS, parse_section, read_params_file
+
+    raw = read_params_file(REPO / "params.yaml")
+    arguments = preset_arguments(name)
+    for word in arguments[1::2]:
+        key, value = word.split("=", 1)
+        section, field = key.split(".")
+        assert field in raw[section], key  # `dvc exp run -S` refuses a key params.yaml lacks
+        raw[section][field] = yaml.safe_load(value)
+    for section in SECTIONS:
+        parse_section(section, raw[section])
+    assert len(arguments) == 2 * len(PRESETS[name])
+
+
 def test_generate_takes_its_defaults_from_the_project_else_from_one_constant(tmp_path, monkeypatch, capsys):
     """In a project, `charrnn generate` defaults to dvc.yaml's model folder and params.yaml's sample
     section; elsewhere to charrnn.sampling's constants, with --model required (one line if missing)."""

@@ -41,6 +41,23 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
         "train.lr_decay_fraction": 0.0,
         "train.clipnorm": None,
         "train.weight_decay": 0.0,
+        "train.weight_drop": 0.0,
+        "train.adam_beta_2": 0.999,
+    },
+    # A corpus of about 1 MB (tiny Shakespeare): read a dozen times or more in a run, so it overfits
+    # without regularisers; these won on it in 10 minutes (benchmarks/RESULTS.md, Time to quality).
+    # 12 x 500 steps: about 10 minutes on 2 AVX-512 cores.
+    "small-corpus": {
+        "train.epochs": 12,
+        "train.steps_per_epoch": 500,
+        "train.dropout": 0.3,
+        "train.weight_drop": 0.2,
+        "train.weight_decay": 0.1,
+        "train.ema_momentum": 0.999,
+        "train.ema_warmup": True,
+        "train.lr_decay_fraction": 0.4,
+        "train.lr_decay_shape": "linear",
+        "train.lr_decay_to": 0.0,
     },
 }
 
@@ -51,7 +68,8 @@ def preset_arguments(name: str) -> list[str]:
         raise UserError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
     out = []
     for key, value in PRESETS[name].items():
-        out += ["-S", f"{key}={'null' if value is None else value}"]
+        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+        out += ["-S", f"{key}={text}"]
     return out
 
 
@@ -107,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="same seed, same text (" + default("sample.seed", fallback.seed) + ")")
     preset = sub.add_parser("preset", help="print a named set of params as `dvc exp run -S` arguments, "
                                            "e.g. dvc exp run -n tutorial $(charrnn preset tutorial)")
-    preset.add_argument("name", help="tutorial: TensorFlow's tutorial model (Embedding 256, LSTM 1024, 64 x 100)")
+    preset.add_argument("name", help="tutorial: TensorFlow's tutorial model (Embedding 256, LSTM 1024, 64 x 100); "
+                                     "small-corpus: regularisers for a corpus of about 1 MB, 10 minutes")
     return parser
 
 
