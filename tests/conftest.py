@@ -45,7 +45,7 @@ TINY_PARAMS = {
               "steps_per_epoch": 12, "validation_steps": 10, "learning_rate": 0.01, "lr_decay_fraction": 0.0,
               "clipnorm": None, "log_every_steps": 2, "precision": "float32",
               "lstm_kernel": "sequence",  # fixed, as the precision: no timing, the same path on every machine
-              "dropout": 0.2},  # as the default: resumes must restore the dropout's random state too
+              "dropout": 0.2},  # on, as in the default: resumes must restore the dropout's random state too
     "sample": {"length": 80},
     "mlflow": {"experiment": "tests"},
 }
