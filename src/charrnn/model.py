@@ -128,9 +128,9 @@ def rnn_layers(model: keras.Model) -> list:
 
 @keras.saving.register_keras_serializable(package="charrnn")
 class CoolDown(keras.optimizers.schedules.LearningRateSchedule):
-    """``peak`` for the first ``total_steps - decay_steps`` steps, then down to ``peak * final`` at
-    the last step: a cosine, a straight line, or ``1 - sqrt(progress)`` (most of the fall early, a
-    long tail near the floor). Keras' ``CosineDecay`` has the cosine only, with its floor as ``alpha``.
+    """``peak`` for the first ``total_steps - decay_steps`` steps, then down to ``peak * final``, reached
+    at step ``total_steps``: a cosine, a straight line, or ``1 - sqrt(progress)`` (most of the fall
+    early, a long tail near the floor). Keras' ``CosineDecay`` has the cosine only, with its floor as ``alpha``.
     Keyed on the optimizer's step count, so a resumed run continues it; saved with the checkpoint's
     optimizer (registered, so ``safe_mode`` loads it)."""
 
