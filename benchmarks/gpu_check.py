@@ -17,7 +17,8 @@ import tensorflow as tf
 
 from charrnn import lstm_cpu
 from charrnn.generate import Generator
-from charrnn.model import build_model, compile_model
+from charrnn.model import build_model
+from charrnn.optimizer import compile_model
 from charrnn.sampling import SamplingOptions
 from charrnn.vocabulary import Vocabulary
 

@@ -22,7 +22,7 @@ apart from what it cost in training.
 With no options it trains the model of ``params.yaml``'s ``train`` section (the pipeline's
 default; ``--preset NAME``: params.yaml's with ``charrnn preset NAME``'s values) the way the train stage does: the fast CPU LSTM installed, ``train.precision`` and
 ``train.lstm_kernel`` resolved (``auto``), and the pipeline's own learning-rate schedule
-(``train.lr_decay_fraction``, ``lr_decay_shape`` and ``lr_decay_to``: ``charrnn.model.CoolDown``), laid out over the steps the budget allows at
+(``train.lr_decay_fraction``, ``lr_decay_shape`` and ``lr_decay_to``: ``charrnn.optimizer.CoolDown``), laid out over the steps the budget allows at
 the speed a short calibration run measured (its mean step time after 5 warm-up steps; the last line
 says over how many steps it was laid out and how many were trained). What can be varied: the model
 (``--rnn-units``, ``--num-layers``, ``--cell gru``, ...), the regularisers (``--dropout``,
@@ -53,7 +53,8 @@ import tensorflow as tf
 from charrnn import artifacts, autotune, lstm_cpu, sequences
 from charrnn.cli import PRESETS
 from charrnn.config import TrainConfig, load_params, replace
-from charrnn.model import compile_model, learning_rate_schedule, model_from_config
+from charrnn.model import model_from_config
+from charrnn.optimizer import compile_model, learning_rate_schedule
 from charrnn.batches import training_dataset, validation_dataset
 from charrnn.evaluate import CARRIED_STREAMS, carried_state_loss
 from charrnn.train import configure_determinism
@@ -158,7 +159,7 @@ def main() -> None:
     parser.add_argument("--layout", choices=["windows", "streams"], default="windows")
     parser.add_argument("--params", default="params.yaml", help="defaults of the model options (the pipeline's)")
     parser.add_argument("--schedule", choices=["pipeline", "time"], default="pipeline",
-                        help="pipeline: train.lr_decay_fraction's step schedule (charrnn.model.CoolDown), laid out over "
+                        help="pipeline: train.lr_decay_fraction's step schedule (charrnn.optimizer.CoolDown), laid out over "
                              "the steps the budget allows at the speed measured in a calibration run; "
                              "time: the older schedule on elapsed time (with --warmup-seconds)")
     parser.add_argument("--preset", choices=sorted(PRESETS),

@@ -236,7 +236,8 @@ def child_keras(args) -> dict:
     from charrnn import artifacts, lstm_cpu
     from charrnn.batches import training_dataset
     from charrnn.config import load_params
-    from charrnn.model import build_model, compile_model
+    from charrnn.model import build_model
+    from charrnn.optimizer import compile_model
 
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()

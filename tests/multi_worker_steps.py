@@ -28,7 +28,8 @@ import tensorflow as tf
 
 from charrnn import lstm_cpu
 from charrnn.distribute import make_strategy, make_train_step
-from charrnn.model import build_model, compile_model
+from charrnn.model import build_model
+from charrnn.optimizer import compile_model
 
 VOCAB, LENGTH, GLOBAL_BATCH, STEPS, CLIPNORM = 20, 12, 8, 3, 0.05
 

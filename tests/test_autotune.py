@@ -191,7 +191,8 @@ def test_every_path_trains_to_the_same_losses_and_each_repeats_its_bytes():
     import keras
 
     from charrnn import lstm_cpu
-    from charrnn.model import build_model, compile_model
+    from charrnn.model import build_model
+    from charrnn.optimizer import compile_model
 
     ids = (np.arange(25)[None, :] * 3 + np.arange(8)[:, None]) % 11  # learnable: each row counts by 3
 

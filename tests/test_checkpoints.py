@@ -36,7 +36,7 @@ def test_a_checkpoint_resumes_dropout_where_it_stood(tmp_path):
 
     from charrnn import lstm_cpu
     from charrnn.checkpoints import Checkpoints
-    from charrnn.model import compile_model
+    from charrnn.optimizer import compile_model
 
     ids = np.random.default_rng(0).integers(0, 11, (24, 10)).astype("int32")
     data = lambda: tf.data.Dataset.from_tensor_slices((ids, ids)).batch(4)  # noqa: E731

@@ -120,7 +120,7 @@ def test_gru_model_round_trips_and_generates(tmp_path, vocabulary):
 def test_mixed_float16_trains_with_loss_scaling_and_round_trips(tmp_path, vocabulary):
     """Keras wraps a LossScaleOptimizer only under a global mixed_float16 policy; ours is per layer."""
     from charrnn import lstm_cpu
-    from charrnn.model import compile_model
+    from charrnn.optimizer import compile_model
 
     model = _model(vocabulary, precision="mixed_float16")
     lstm_cpu.install_model(model)

@@ -406,7 +406,7 @@ def test_the_compiled_ops_are_in_fits_train_step(precision):
         pytest.skip("this build has no bfloat16 sequence kernels (no AVX512-BF16)")
     model = build_model(11, embedding_dim=4, rnn_units=16, num_layers=1, dropout=0.0, cell="lstm", precision=precision)
     assert lstm_cpu.install_model(model) == 1
-    from charrnn.model import compile_model as compile_
+    from charrnn.optimizer import compile_model as compile_
     compile_(model, 1e-2)
     ids = np.random.default_rng(0).integers(0, 11, (8, 10)).astype("int32")
     ops = fit_graph_ops(model, ids, ids)

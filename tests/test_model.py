@@ -31,7 +31,8 @@ def test_weight_decay_shrinks_the_weights_it_is_on_apart_from_the_adam_step(tmp_
     import tensorflow as tf
 
     from charrnn import lstm_cpu
-    from charrnn.model import compile_model, load_keras, save_keras
+    from charrnn.model import load_keras, save_keras
+    from charrnn.optimizer import compile_model
 
     ids = np.random.default_rng(0).integers(0, 11, (4, 10)).astype("int32")
     batch = tf.data.Dataset.from_tensor_slices((ids, ids)).batch(4)
@@ -70,7 +71,7 @@ def test_the_cool_down_holds_the_peak_then_falls_in_its_shape_to_its_floor(shape
 
     import keras
 
-    from charrnn.model import learning_rate_schedule
+    from charrnn.optimizer import learning_rate_schedule
 
     peak, floor = 0.01, 0.05
     schedule = learning_rate_schedule(peak, 100, 0.4, shape, floor)

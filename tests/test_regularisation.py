@@ -12,8 +12,8 @@ import tensorflow as tf
 from charrnn import lstm_cpu, seams
 from charrnn.checkpoints import Checkpoints
 from charrnn.generate import Generator
-from charrnn.model import (compile_for_training, compile_model, finalize_ema, load_model_dir, model_from_config,
-                           save_model_dir)
+from charrnn.model import load_model_dir, model_from_config, save_model_dir
+from charrnn.optimizer import compile_for_training, compile_model, finalize_ema
 from charrnn.sampling import SamplingOptions
 from charrnn.vocabulary import Vocabulary
 from conftest import defaults

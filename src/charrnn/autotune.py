@@ -85,7 +85,8 @@ def time_train_steps(shape: dict, variants: list[str]) -> dict:
     import numpy as np
 
     from charrnn import lstm_cpu
-    from charrnn.model import build_model, compile_model
+    from charrnn.model import build_model
+    from charrnn.optimizer import compile_model
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, shape["vocab_size"], (shape["batch_size"], shape["seq_length"] + 1)).astype("int32")

@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import mlflow
 
-from charrnn import files, model as model_lib, seams
+from charrnn import files, model as model_lib, optimizer, seams  # noqa: F401 (optimizer: registers what a checkpoint reloads)
 from charrnn.config import TrainConfig
 from charrnn.errors import UserError
 from charrnn.faults import crash_point

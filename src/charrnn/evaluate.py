@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from charrnn import artifacts, files, lstm_cpu, model as model_lib, registry, sequences, tracking
+from charrnn import artifacts, files, lstm_cpu, model as model_lib, optimizer, registry, sequences, tracking
 from charrnn.config import SampleConfig
 from charrnn.generate import Generator
 from charrnn.sampling import SamplingOptions
@@ -35,7 +35,7 @@ def validation_loss(model, sequences_dir: Path, verbose: int = 1) -> tuple[float
     seq_length = manifest["seq_length"]
     paths = artifacts.shard_paths(sequences_dir, manifest, "val")
     lstm_cpu.install_model(model)  # the fast CPU LSTM (equal to Keras' within float round-off)
-    model_lib.compile_model(model, learning_rate=1e-3)  # the loss only; nothing is trained
+    optimizer.compile_model(model, learning_rate=1e-3)  # the loss only; nothing is trained
     windows = manifest["splits"]["val"]["windows"]
     loss = model.evaluate(validation_dataset(paths, seq_length, EVAL_BATCH, windows), verbose=verbose)
     return float(loss), windows * seq_length

@@ -46,7 +46,7 @@ def optimizer_params(optimizer) -> dict:
     (which MLflow's own callback logs, one opaque category in the compare view)."""
     params = {}
     for key, value in optimizer.get_config().items():
-        if key == "learning_rate" and isinstance(value, dict):  # charrnn.model.CoolDown
+        if key == "learning_rate" and isinstance(value, dict):  # charrnn.optimizer.CoolDown
             schedule = value.get("config", {})
             peak = schedule["peak"]
             params.update({"optimizer_learning_rate": peak,

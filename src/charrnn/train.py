@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from charrnn import artifacts, autotune, files, lstm_cpu, model as model_lib, sequences, tracking, training_run
+from charrnn import artifacts, autotune, files, lstm_cpu, model as model_lib, optimizer, sequences, tracking, training_run
 from charrnn.batches import steps_per_epoch, training_dataset, validation_dataset
 from charrnn.checkpoints import Checkpoints, EpochCheckpoint, resume_key
 from charrnn.config import TrainConfig
@@ -113,7 +113,7 @@ def new_model(config: TrainConfig, vocab_size: int, steps: int) -> keras.Model:
     """The untrained model, on the fast CPU LSTM, compiled with the run's optimizer and schedule."""
     model = model_lib.model_from_config(vocab_size, config)
     install_lstm(model, config)  # before compile
-    model_lib.compile_for_training(model, config, config.epochs * steps)
+    optimizer.compile_for_training(model, config, config.epochs * steps)
     return model
 
 
@@ -214,7 +214,7 @@ def fit(model: keras.Model, strategy, config: TrainConfig, data: TrainData, init
 def save_outputs(model: keras.Model, vocabulary: Vocabulary, state: dict, paths: TrainPaths,
                  resolved: autotune.Resolved, kernel: str) -> dict:
     """Save the model folder, the history, the steps and the run info; returns the final metrics."""
-    model_lib.finalize_ema(model)  # the saved model is the weights' moving average, where kept
+    optimizer.finalize_ema(model)  # the saved model is the weights' moving average, where kept
     history = state["history"]
     final = {"loss": history[-1]["loss"], "val_loss": history[-1]["val_loss"]}
     final["val_bpc"] = final["val_loss"] / math.log(2)
