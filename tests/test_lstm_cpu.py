@@ -230,6 +230,34 @@ def test_unsupported_configurations_fall_back(kwargs):
     np.testing.assert_array_equal(fused(x), expected)
 
 
+def test_a_stateful_layer_carries_its_state_on_the_fused_kernel():
+    """A stateful layer (the carried-state metric's, or training on contiguous streams) runs the
+    fused kernel, continues each call from the state the last one left, as Keras' own does, and
+    starts again from zeros after reset_states."""
+    keras.utils.set_random_seed(6)
+    stock = keras.layers.LSTM(32, return_sequences=True, stateful=True)
+    fused = keras.layers.LSTM(32, return_sequences=True, stateful=True)
+    x = tf.random.normal([3, 10, 5])
+    first, second = x[:, :6], x[:, 6:]
+    stock.build(first.shape)
+    fused.build(first.shape)
+    fused.set_weights(stock.get_weights())
+    assert lstm_cpu.install(fused) and lstm_cpu.eligible(fused)
+    for layer in (stock, fused):
+        layer(first)
+    expected, got = stock(second), fused(second)
+    assert rel_err(got, expected) < RTOL
+    for e, g in zip(stock.states, fused.states):
+        assert rel_err(g, e) < RTOL
+    # The second call continued the first: the same as one stateless call over the whole sequence.
+    stateless = keras.layers.LSTM(32, return_sequences=True)
+    stateless.build(x.shape)
+    stateless.set_weights(stock.get_weights())
+    assert rel_err(got, stateless(x)[:, 6:]) < RTOL
+    fused.reset_states()
+    assert rel_err(fused(first), stateless(first)) < RTOL
+
+
 def test_mask_falls_back():
     keras.utils.set_random_seed(5)
     ids = tf.constant([[3, 4, 5, 0, 0], [1, 2, 3, 4, 5]])

@@ -11,8 +11,10 @@ on TensorFlow's ops elsewhere; this module puts it into Keras layers.
 weights (it overrides the instance attribute ``inner_loop``, the hook ``LSTM.call`` goes through),
 so a model saves as plain Keras and loads with plain Keras and ``safe_mode=True``. Where the layer
 is configured in a way the fused kernel does not cover (a mask, ``go_backwards``, ``unroll``,
-``stateful``, dropout, other activations, no bias) each call falls back to Keras' own path; on a
-machine with a visible GPU ``install`` leaves the layer alone (cuDNN is faster there).
+dropout, other activations, no bias) each call falls back to Keras' own path; on a machine with a
+visible GPU ``install`` leaves the layer alone (cuDNN is faster there). A ``stateful`` layer runs
+the fused kernel too: Keras' ``RNN.call`` hands ``inner_loop`` the carried state and stores the
+state it returns.
 
 Usage (before ``model.compile``, so that ``jit_compile`` sees the layers as XLA-compatible)::
 
@@ -57,7 +59,6 @@ def eligible(layer, mask=None) -> bool:
         and keras.backend.backend() == "tensorflow"
         and not layer.go_backwards
         and not layer.unroll
-        and not layer.stateful
         and cell.use_bias
         and cell.activation is keras.activations.tanh
         and cell.recurrent_activation is keras.activations.sigmoid
