@@ -33,7 +33,8 @@ as the train stage saves it; every other ``train`` key too, ``--ema-warmup true`
 ``--schedule time`` for the older schedule on elapsed time, with ``--warmup-seconds``), and the
 data layout: ``windows`` (the pipeline's: shuffled independent windows, zero state each)
 or ``streams`` (char-rnn's: the training text cut into ``batch-size`` contiguous streams read in
-order, the LSTM state carried from batch to batch). Last line: one JSON object.
+order, the LSTM state carried from batch to batch; ``--state-reset P`` zeroes each stream's state
+before a batch with probability P). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -106,6 +107,22 @@ class Budget(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class StateResets(keras.callbacks.Callback):
+    """``--layout streams``: before each batch, zero each stream's carried state with probability
+    ``p`` (drawn from ``seed``), so that the model also learns to start a text cold, as the
+    pipeline's metric (and a window from a zero state) asks of it."""
+
+    def __init__(self, p: float, seed: int):
+        super().__init__()
+        self.p, self.rng = p, np.random.default_rng(seed)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        states = [s for layer in self.model.layers if getattr(layer, "stateful", False) for s in layer.states]
+        keep = (self.rng.random(states[0].shape[0]) >= self.p).astype(np.float32)[:, None]
+        for state in states:
+            state.assign(state * tf.constant(keep, state.dtype))
+
+
 class StepTimer(keras.callbacks.Callback):
     """Seconds of every train step (data wait included), for the calibration."""
 
@@ -157,6 +174,8 @@ def main() -> None:
     parser.add_argument("--warmup-seconds", type=float, default=0.0)
     parser.add_argument("--calibration-steps", type=int, default=40)
     parser.add_argument("--layout", choices=["windows", "streams"], default="windows")
+    parser.add_argument("--state-reset", type=float, default=0.0,
+                        help="streams: the probability that a stream's carried state is zeroed before a batch")
     parser.add_argument("--params", default="params.yaml", help="defaults of the model options (the pipeline's)")
     parser.add_argument("--schedule", choices=["pipeline", "time"], default="pipeline",
                         help="pipeline: train.lr_decay_fraction's step schedule (charrnn.optimizer.CoolDown), laid out over "
@@ -180,6 +199,10 @@ def main() -> None:
                 kind = (lambda k: lambda v: None if v.lower() in ("null", "none") else k(v))(kind)
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=getattr(defaults, field.name))
     args = parser.parse_args()
+    if args.state_reset and args.layout != "streams":
+        parser.error("--state-reset resets the carried state of --layout streams; add --layout streams")
+    if not 0.0 <= args.state_reset <= 1.0:
+        parser.error(f"--state-reset is a probability, between 0 and 1, not {args.state_reset}")
     config = replace(defaults, **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                                   if f.name not in NOT_OPTIONS},
                      epochs=1_000, jit_compile=args.jit_compile)
@@ -242,7 +265,7 @@ def main() -> None:
         budget = Budget(args.minutes * 60, args.report_every, val_ds.take(args.probe_batches), scorer, args)
         print(f"{model.count_params():,} parameters; {vectorized.train_chars:,} train / "
               f"{vectorized.val_chars:,} val chars; budget {args.minutes} min of training; "
-              f"layout {args.layout}, lr decay over the last {args.lr_decay_fraction:.0%}, XLA {'on' if args.jit_compile else 'off'}", flush=True)
+              f"layout {args.layout}{f' (state reset {args.state_reset:g})' if args.state_reset else ''}, lr decay over the last {args.lr_decay_fraction:.0%}, XLA {'on' if args.jit_compile else 'off'}", flush=True)
         _, train_ids, _ = load_ids(tmp / "vec")
         if stateful:
             data = stream_batches(train_ids, config.batch_size, args.seq_length)
@@ -250,7 +273,9 @@ def main() -> None:
             data = training_dataset(train_shards, args.seq_length, 0, batch_size=config.batch_size,
                                     shuffle_buffer=config.shuffle_buffer, seed=config.seed)
         start = time.perf_counter()
-        model.fit(data, epochs=1, steps_per_epoch=10**9, callbacks=[budget], verbose=0)
+        # After the budget's: the resets' time counts as training time.
+        resets = [StateResets(args.state_reset, config.seed)] if stateful and args.state_reset > 0 else []
+        model.fit(data, epochs=1, steps_per_epoch=10**9, callbacks=[budget, *resets], verbose=0)
         wall = time.perf_counter() - start
         final = float(scorer(model).evaluate(val_ds, verbose=0))
         final_stream, _ = carried_state_loss(model, tmp / "seq", CARRIED_STREAMS)
@@ -275,7 +300,8 @@ def main() -> None:
                       "train_seconds": round(budget.trained, 1), "wall_seconds": round(wall, 1),
                       "steps": steps, "scheduled_steps": total_steps, "tokens": tokens, "series": budget.series,
                       "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"},
-                      "seq_length": args.seq_length, "layout": args.layout, "warmup_seconds": args.warmup_seconds,
+                      "seq_length": args.seq_length, "layout": args.layout, "state_reset": args.state_reset,
+                      "warmup_seconds": args.warmup_seconds,
                       "schedule": args.schedule, "precision_why": resolved.why,
                       "lstm_kernel_why": resolved.kernel_why}))
 
