@@ -116,10 +116,12 @@ class StateResets(keras.callbacks.Callback):
         super().__init__()
         self.p, self.rng = p, np.random.default_rng(seed)
 
+    def on_train_begin(self, logs=None):
+        self.states = [s for layer in self.model.layers if getattr(layer, "stateful", False) for s in layer.states]
+
     def on_train_batch_begin(self, batch, logs=None):
-        states = [s for layer in self.model.layers if getattr(layer, "stateful", False) for s in layer.states]
-        keep = (self.rng.random(states[0].shape[0]) >= self.p).astype(np.float32)[:, None]
-        for state in states:
+        keep = (self.rng.random(self.states[0].shape[0]) >= self.p).astype(np.float32)[:, None]
+        for state in self.states:
             state.assign(state * tf.constant(keep, state.dtype))
 
 

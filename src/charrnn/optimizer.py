@@ -135,8 +135,8 @@ def compile_for_training(model: keras.Model, config, total_steps: int) -> None:
     """``compile_model`` with a ``TrainConfig``'s optimizer and schedule laid out over ``total_steps``."""
     schedule = learning_rate_schedule(config.learning_rate, total_steps, config.lr_decay_fraction,
                                       config.lr_decay_shape, config.lr_decay_to)
-    compile_model(model, schedule, config.clipnorm, weight_decay=config.weight_decay, ema_momentum=config.ema_momentum, beta_2=config.adam_beta_2, ema_warmup=config.ema_warmup,
-                  weight_decay_on=config.weight_decay_on)
+    compile_model(model, schedule, config.clipnorm, weight_decay=config.weight_decay, ema_momentum=config.ema_momentum,
+                  beta_2=config.adam_beta_2, ema_warmup=config.ema_warmup, weight_decay_on=config.weight_decay_on)
 
 
 def finalize_ema(model: keras.Model) -> None:
