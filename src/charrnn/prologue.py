@@ -9,6 +9,7 @@ The checks are passed in, not imported here: every import of a stage is a rerun 
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -26,11 +27,34 @@ def before_tensorflow(*outputs: Path | None, checks: Iterable[Callable[[], objec
     threads_from_env()
 
 
+# Keras imports scikit-learn (for its wrappers) and matplotlib (for its image plots) whenever they are
+# installed, and MLflow installs both: about 2 s of the ~9 s TensorFlow takes to load on a 2-core AVX2
+# CPU, for features no stage uses. Keras guards both imports with `except ImportError`, so they are
+# refused while TensorFlow loads (a None in sys.modules makes an import raise ModuleNotFoundError);
+# whatever imports them later (MLflow) gets them as usual.
+KERAS_EXTRAS_UNUSED = ("sklearn", "matplotlib")
+
+
+@contextlib.contextmanager
+def without_keras_extras():
+    """Refuse KERAS_EXTRAS_UNUSED to imports in the block (those already loaded stay loaded)."""
+    refused = [name for name in KERAS_EXTRAS_UNUSED if name not in sys.modules]
+    for name in refused:
+        sys.modules[name] = None
+    try:
+        yield
+    finally:
+        for name in refused:
+            if sys.modules.get(name, False) is None:
+                del sys.modules[name]
+
+
 @contextlib.contextmanager
 def loading_tensorflow(*configure: Callable[[], object]):
-    """Import TensorFlow in the block (its C++ start-up chatter filtered), then quiet MLflow's and
-    Keras' Python logs, set the thread pools and run ``configure`` (e.g. the logical CPUs)."""
-    with importing_tensorflow():
+    """Import TensorFlow in the block (its C++ start-up chatter filtered, Keras' unused extras not
+    loaded), then quiet MLflow's and Keras' Python logs, set the thread pools and run ``configure``
+    (e.g. the logical CPUs)."""
+    with importing_tensorflow(), without_keras_extras():
         yield
     quiet_python_logs()
     configure_threads()
