@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,3 +49,20 @@ def test_the_refused_extras_are_keras_optional_imports():
         text = path.read_text()
         block = text[text.index("try:"):text.index("except ImportError")]
         assert f"import {name}" in block, (name, path)
+
+
+def test_stages_load_tensorflow_with_the_bfc_allocator_unless_the_user_says_otherwise():
+    script = ("from charrnn.prologue import loading_tensorflow\n"
+              "with loading_tensorflow():\n"
+              "    import tensorflow as tf\n"
+              "tf.matmul(tf.ones([256, 256]), tf.ones([256, 256]))\n"
+              "try:\n"
+              "    print(tf.config.experimental.get_memory_info('CPU:0')['peak'] > 0)\n"
+              "except ValueError:\n"  # the default allocator keeps no statistics
+              "    print('no allocator statistics')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+    by_default = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert by_default.stdout.split() == ["True"], by_default.stderr[-2000:]
+    refused = subprocess.run([sys.executable, "-c", script], env={**env, "TF_CPU_ALLOCATOR_USE_BFC": "false"},
+                             capture_output=True, text=True, check=True)
+    assert refused.stdout.strip() == "no allocator statistics", refused.stderr[-2000:]
