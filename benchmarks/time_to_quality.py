@@ -43,13 +43,16 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
 
-import keras
-import numpy as np
-import tensorflow as tf
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")  # TensorFlow's allocator as the stages set it (charrnn.prologue)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from charrnn import artifacts, autotune, lstm_cpu, sequences
 from charrnn.cli import PRESETS
