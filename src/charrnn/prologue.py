@@ -52,7 +52,7 @@ def without_keras_extras():
 
 # TensorFlow's default CPU allocator takes every large tensor from malloc, which maps it fresh and
 # unmaps it on free: the default training faulted in 58 million pages (257 s of system time in an
-# 18-minute run on a 2-core AVX2 EPYC). Its BFC allocator keeps and reuses freed memory: 12x fewer page
+# 18-minute run on a 2-core AVX2 EPYC). Its BFC allocator keeps and reuses freed memory: 11-14x fewer page
 # faults and about a fifth less CPU time a train step there (benchmarks/RESULTS.md). The environment
 # variable is TensorFlow's own; a user's setting wins.
 BFC_ALLOCATOR = ("TF_CPU_ALLOCATOR_USE_BFC", "true")
