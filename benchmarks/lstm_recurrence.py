@@ -38,7 +38,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")  # TensorFlow's allocator as the stages set it (charrnn.prologue)
+from charrnn.prologue import BFC_ALLOCATOR  # noqa: E402
+
+os.environ.setdefault(*BFC_ALLOCATOR)  # TensorFlow's allocator as the stages set it
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_throughput import CONFIGS, csv_list, machine_info  # noqa: E402

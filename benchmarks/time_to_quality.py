@@ -48,7 +48,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")  # TensorFlow's allocator as the stages set it (charrnn.prologue)
+from charrnn.prologue import BFC_ALLOCATOR  # noqa: E402
+
+os.environ.setdefault(*BFC_ALLOCATOR)  # TensorFlow's allocator as the stages set it
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -66,7 +66,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")  # TensorFlow's allocator as the stages set it (charrnn.prologue)
+from charrnn.prologue import BFC_ALLOCATOR  # noqa: E402
+
+os.environ.setdefault(*BFC_ALLOCATOR)  # TensorFlow's allocator as the stages set it
 
 LOOP = 100  # matmuls per graph call in the in-loop matmul rate
 ROOT = Path(__file__).resolve().parents[1]
